@@ -1,0 +1,244 @@
+"""``alloykit``: merge checkpoints from a YAML recipe, list methods, inspect task vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from alloykit.errors import AlloykitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Training-free model merging: recipes, streaming merges, inspection.",
+)
+console = Console(stderr=True)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (alloykit's or mergekit's)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output model folder")],
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="print the plan and memory estimate; merge nothing")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="parallel jobs (default: min(4, cores))")
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="bound on bytes of jobs in flight, e.g. 4GB")
+    ] = None,
+    shard_size: Annotated[
+        str | None, typer.Option(help="max shard size, e.g. 5GB (overrides recipe)")
+    ] = None,
+    keys: Annotated[
+        str | None, typer.Option(help="strict | union | intersection (overrides recipe)")
+    ] = None,
+    allow_nonfinite: Annotated[bool, typer.Option(help="merge inputs holding NaN/Inf")] = False,
+    no_base_check: Annotated[bool, typer.Option(help="skip the 'is this the base?' check")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the report as JSON on stdout")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
+    import yaml
+
+    from alloykit.api import merge as run_merge
+    from alloykit.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe)
+        kwargs = r.merge_kwargs()
+        if shard_size:
+            kwargs["shard_size"] = shard_size
+        if keys:
+            kwargs["keys"] = keys
+        raw = yaml.safe_load(recipe.read_text())
+        if not dry_run and output.exists() and not force:
+            raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not progress or as_json,
+        )
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        with bar:
+            result = run_merge(
+                **kwargs,
+                output=output,
+                force=force,
+                dry_run=dry_run,
+                workers=workers,
+                max_memory=max_memory,
+                check_finite=not allow_nonfinite,
+                base_check=None if no_base_check else 0.5,
+                recipe=raw,
+                progress=report,
+            )
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    plan = result.plan
+    n_workers = workers or min(4, __import__("os").cpu_count() or 1)
+    from alloykit.io import parse_size
+
+    est = plan.peak_estimate(n_workers, parse_size(max_memory) if max_memory else None)
+    summary = {
+        "method": plan.spec.method.name,
+        "preset": plan.spec.preset or plan.spec.method.default_preset,
+        "source_format": r.source_format,
+        "tensors": len(plan.jobs),
+        "merged": sum(j.merge for j in plan.jobs),
+        "reduction_passes": plan.reduction_passes,
+        "bytes_to_read": plan.read_bytes,
+        "bytes_to_write": plan.write_bytes,
+        "estimated_peak_bytes_beyond_baseline": est,
+        "warnings": plan.warnings,
+    }
+    if result.report is not None:
+        summary.update({"output": str(result.output), **result.report.as_dict()})
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    t = Table(title="dry run: plan" if dry_run else f"merged into {output}", show_header=False)
+    t.add_row(
+        "method",
+        f"{summary['method']} (preset {summary['preset']}, {summary['source_format']} recipe)",
+    )
+    t.add_row("tensors", f"{summary['tensors']} ({summary['merged']} merged, the rest copied)")
+    t.add_row("reduction passes", str(plan.reduction_passes))
+    t.add_row("to read / write", f"{_gib(plan.read_bytes)} / {_gib(plan.write_bytes)}")
+    t.add_row("estimated working memory", _gib(est))
+    if result.report is not None:
+        rep = result.report
+        t.add_row("time", f"{rep.seconds:.2f} s on {rep.workers} worker(s)")
+        t.add_row("peak RSS", f"{_gib(rep.peak_rss)} (baseline {_gib(rep.baseline_rss)})")
+        for label, rel in rep.relative_delta_norm.items():
+            t.add_row(f"‖θ−θ₀‖/‖θ₀‖ {label}", f"{rel:.4f}")
+    for w in plan.warnings:
+        t.add_row("warning", w)
+    Console().print(t)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods, their presets and parameters."""
+    from alloykit.methods import REGISTRY, get_method
+    from alloykit.methods.base import REQUIRED
+
+    get_method("linear")
+    for name in sorted(REGISTRY):
+        m = REGISTRY[name]
+        t = Table(title=f"{name}: {m.summary}", title_justify="left")
+        t.add_column("parameter")
+        t.add_column("per model")
+        t.add_column("default")
+        t.add_column("allowed")
+        t.add_column("meaning")
+        for p in m.params:
+            t.add_row(
+                p.name,
+                "yes" if p.per_model else "",
+                "required" if p.default is REQUIRED else repr(p.default),
+                p.allowed(),
+                p.help,
+            )
+        Console().print(t)
+        presets = ", ".join(
+            f"{k}{' (default)' if k == m.default_preset else ''}" for k in m.presets
+        )
+        Console().print(
+            f"  base model: {'required' if m.needs_base else 'not used'}; presets: {presets}\n"
+        )
+
+
+@app.command()
+def inspect(
+    models: Annotated[list[Path], typer.Argument(help="fine-tuned models")],
+    base: Annotated[Path, typer.Option("--base", "-b", help="the base model")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+    by: Annotated[str, typer.Option(help="group rows by 'layer' or 'tensor'")] = "layer",
+) -> None:
+    """Task-vector norms per layer, pairwise cosine, sign conflicts and a same-base check."""
+    from alloykit.analysis.inspect import inspect_task_vectors
+
+    try:
+        rep = inspect_task_vectors([str(m) for m in models], str(base), by=by)
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    if as_json:
+        print(json.dumps(rep, indent=2))
+        return
+    out = Console()
+    labels = rep["models"]
+    t = Table(title="task-vector norm ‖θ_t − θ₀‖ per " + by)
+    t.add_column(by)
+    for lab in labels:
+        t.add_column(Path(lab).name)
+    t.add_column("sign conflicts")
+    for group, row in rep["groups"].items():
+        t.add_row(group, *[f"{v:.4g}" for v in row["norm"]], f"{row['sign_conflict_rate']:.1%}")
+    out.print(t)
+    c = Table(title="cosine similarity of whole task vectors")
+    c.add_column("")
+    for lab in labels:
+        c.add_column(Path(lab).name)
+    for lab, row in zip(labels, rep["cosine"], strict=True):
+        c.add_row(Path(lab).name, *[f"{v:.3f}" for v in row])
+    out.print(c)
+    s = Table(title="same base? relative norm ‖θ_t − θ₀‖ / ‖θ₀‖ (fine-tunes: ≪ 0.5)")
+    s.add_column("model")
+    s.add_column("relative norm")
+    s.add_column("verdict")
+    for lab, rel in rep["relative_norm"].items():
+        s.add_row(lab, f"{rel:.4f}", "ok" if rel <= 0.5 else "[red]probably not this base[/]")
+    out.print(s)
+    out.print(f"overall sign-conflict rate: {rep['sign_conflict_rate']:.2%}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the example models are written")] = Path(
+        "demo-output"
+    ),
+) -> None:
+    """Build a small base model and three fine-tunes offline, merge them with every method,
+    and print each merged model's accuracy on every task."""
+    from alloykit.demo import run_demo
+
+    run_demo(workdir, console=Console())
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

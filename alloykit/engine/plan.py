@@ -1,0 +1,210 @@
+"""Planning a merge: one job per output tensor, checked before any data is read.
+
+The plan knows which models hold each tensor, its output shape and dtype, the parameters the
+method gets for it (resolved and validated up front), and what it will cost in bytes read,
+written and held. It knows the method only through the :class:`MergeMethod` contract.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from alloykit.errors import MismatchError, ParameterError
+from alloykit.io.readers import CheckpointReader, TensorMeta
+from alloykit.methods.base import MergeMethod
+
+KeyPolicy = Literal["strict", "union", "intersection"]
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass
+class MergeSpec:
+    """Everything the engine needs; built by :mod:`alloykit.api` from paths or a recipe."""
+
+    models: list[CheckpointReader]
+    method: MergeMethod
+    base: CheckpointReader | None = None
+    preset: str | None = None
+    global_params: dict[str, Any] = field(default_factory=dict)
+    model_params: list[dict[str, Any]] | None = None
+    compute_dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype | None = None
+    keys: KeyPolicy = "strict"
+    include: list[str] | None = None  # regexes; tensors not matched are copied, not merged
+    exclude: list[str] | None = None
+    seed: int = 0
+    check_finite: bool = True
+    base_check: float | None = 0.5  # max ‖θ_t − θ_0‖ / ‖θ_0‖ over the model
+
+
+@dataclass
+class TensorJob:
+    name: str
+    out: TensorMeta
+    sources: list[int]  # indices into spec.models holding this tensor
+    merge: bool  # False: copied from ``copy_from``
+    copy_from: int  # reader index (len(models) = the base) to copy from when not merged
+    params: dict[str, Any]
+    read_bytes: int
+    cost: int  # bytes held while the job runs (planning estimate)
+
+
+@dataclass
+class MergePlan:
+    spec: MergeSpec
+    jobs: list[TensorJob]
+    reduction_passes: int
+    global_params: dict[str, Any]
+    warnings: list[str]
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(j.out.nbytes for j in self.jobs)
+
+    @property
+    def read_bytes(self) -> int:
+        merged = sum(j.read_bytes for j in self.jobs if j.merge)
+        return sum(j.read_bytes for j in self.jobs) + self.reduction_passes * merged
+
+    def peak_estimate(self, workers: int, max_bytes: int | None) -> int:
+        costs = sorted((j.cost for j in self.jobs), reverse=True)
+        if not costs:
+            return 0
+        top = sum(costs[:workers])
+        return min(top, max(max_bytes, costs[0])) if max_bytes else top
+
+
+def _layer_position(names: list[str]) -> dict[str, float]:
+    """Depth t ∈ [0, 1] of each tensor for gradient parameters (mergekit: layer / (L − 1);
+    tensors outside the numbered layers get 0)."""
+    idx = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    n_layers = max(idx.values()) + 1 if idx else 0
+    out = {}
+    for n in names:
+        if n in idx:
+            out[n] = idx[n] / (n_layers - 1) if n_layers > 1 else 1.0
+        else:
+            out[n] = 0.0
+    return out
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _describe_missing(
+    readers: list[CheckpointReader], key_sets: list[set[str]], reference: set[str], ref_label: str
+) -> str:
+    lines = []
+    for r, ks in zip(readers, key_sets, strict=True):
+        missing, extra = sorted(reference - ks), sorted(ks - reference)
+        if missing or extra:
+            lines.append(
+                f"  {r.label}: {len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(extra)} extra (e.g. {extra[:3]}) compared with {ref_label}"
+            )
+    return "\n".join(lines)
+
+
+def plan_merge(spec: MergeSpec) -> MergePlan:
+    method = spec.method
+    n = len(spec.models)
+    if n == 0:
+        raise ParameterError("no models to merge: give at least one model")
+    if n < method.min_models:
+        raise ParameterError(f"{method.name} needs at least {method.min_models} models, got {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise ParameterError(f"{method.name} takes at most {method.max_models} models, got {n}")
+    if method.needs_base and spec.base is None:
+        raise ParameterError(
+            f"{method.name} needs a base model (the model the others were "
+            "fine-tuned from): give base_model"
+        )
+    model_params = spec.model_params or [{} for _ in range(n)]
+    if len(model_params) != n:
+        raise ParameterError(f"{len(model_params)} per-model parameter sets for {n} models")
+
+    readers = list(spec.models) + ([spec.base] if spec.base is not None else [])
+    key_sets = [set(r.keys()) for r in readers]
+    reference = key_sets[-1] if spec.base is not None else key_sets[0]
+    ref_label = readers[-1].label if spec.base is not None else readers[0].label
+    warnings: list[str] = []
+    if spec.keys == "strict":
+        if any(ks != reference for ks in key_sets):
+            raise MismatchError(
+                "models do not hold the same tensors:\n"
+                + _describe_missing(readers, key_sets, reference, ref_label)
+                + "\nPass keys='union' (--keys union) to merge what each has, or "
+                "keys='intersection' to keep only the tensors all have."
+            )
+        names = set(reference)
+    elif spec.keys == "intersection":
+        names = set.intersection(*key_sets)
+        dropped = set.union(*key_sets) - names
+        if dropped:
+            warnings.append(
+                f"{len(dropped)} tensors not held by every model are left out, "
+                f"e.g. {sorted(dropped)[:3]}"
+            )
+    elif spec.keys == "union":
+        names = set.union(*key_sets)
+    else:
+        raise ParameterError(
+            f"keys={spec.keys!r} is not allowed; expected strict, union or intersection"
+        )
+    ordered = sorted(names, key=_natural_key)
+    depth = _layer_position(ordered)
+
+    include = [re.compile(p) for p in spec.include or []]
+    exclude = [re.compile(p) for p in spec.exclude or []]
+    global_resolved = method.resolve(n, spec.preset, spec.global_params, model_params)
+
+    jobs: list[TensorJob] = []
+    base_index = n if spec.base is not None else None
+    for name in ordered:
+        holders = [i for i in range(len(readers)) if name in key_sets[i]]
+        metas = {i: readers[i].meta(name) for i in holders}
+        shapes = {m.shape for m in metas.values()}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{readers[i].label}: {list(m.shape)}" for i, m in metas.items())
+            raise MismatchError(f"tensor {name!r} has different shapes across models ({listing})")
+        sources = [i for i in holders if i != base_index]
+        src_meta = metas[base_index] if base_index in metas else metas[holders[0]]
+        floating = all(m.dtype.is_floating_point for m in metas.values())
+        wanted = (not include or any(p.search(name) for p in include)) and not any(
+            p.search(name) for p in exclude
+        )
+        merge = (
+            floating and wanted and bool(sources) and (not method.needs_base or base_index in metas)
+        )
+        if floating and wanted and sources and not merge:
+            warnings.append(
+                f"{name}: not in the base model, copied from {readers[sources[0]].label}"
+            )
+        out_dtype = spec.out_dtype if (spec.out_dtype is not None and floating) else src_meta.dtype
+        out = TensorMeta(name, src_meta.shape, out_dtype)
+        if merge:
+            params = method.resolve(
+                len(sources),
+                spec.preset,
+                spec.global_params,
+                [model_params[i] for i in sources],
+                name,
+                depth[name],
+            )
+            read = sum(metas[i].nbytes for i in holders)
+            k = len(sources)
+            work = src_meta.numel * (spec.compute_dtype or src_meta.dtype).itemsize
+            cost = read + (k + 1) * work + int(method.memory_factor * k * work) + out.nbytes
+        else:
+            params = {}
+            read = src_meta.nbytes
+            cost = read + out.nbytes
+        copy_from = base_index if base_index in metas else holders[0]
+        jobs.append(TensorJob(name, out, sources, merge, copy_from, params, read, cost))
+    passes = method.reduction.passes(global_resolved) if method.reduction else 0
+    return MergePlan(spec, jobs, passes, global_resolved, warnings)

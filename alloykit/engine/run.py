@@ -1,0 +1,162 @@
+"""Running a plan: optional reduction passes, then one job per output tensor into a sink."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from alloykit.engine.executor import make_executor
+from alloykit.engine.memory import PeakRSS
+from alloykit.engine.plan import MergePlan, TensorJob
+from alloykit.errors import MismatchError, NonFiniteError
+from alloykit.methods.base import TensorContext
+
+
+class Sink(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class DictSink:
+    """Collects the merged tensors in memory (the in-memory API)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+
+@dataclass
+class MergeReport:
+    tensors: int = 0
+    merged: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reduction_passes: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    baseline_rss: int = 0
+    workers: int = 1
+    relative_delta_norm: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _read(plan: MergePlan, index: int, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    spec = plan.spec
+    reader = spec.base if index == len(spec.models) else spec.models[index]
+    t = reader.read(name)
+    if spec.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(
+            f"{reader.label}: tensor {name!r} holds {bad} NaN/Inf values; "
+            "refusing to merge it (pass check_finite=False / --allow-nonfinite)"
+        )
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    spec = plan.spec
+    dtype = spec.compute_dtype
+    tensors = [_read(plan, i, job.name, dtype) for i in job.sources]
+    base = _read(plan, len(spec.models), job.name, dtype) if spec.base is not None else None
+    return tensors, base
+
+
+def run_plan(
+    plan: MergePlan,
+    sink: Sink,
+    *,
+    workers: int | None = None,
+    max_bytes: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> MergeReport:
+    """Execute ``plan`` into ``sink``; returns timings, bytes and the measured peak RSS."""
+    spec = plan.spec
+    method = spec.method
+    executor = make_executor(workers, max_bytes)
+    report = MergeReport(
+        tensors=len(plan.jobs),
+        merged=sum(j.merge for j in plan.jobs),
+        reduction_passes=plan.reduction_passes,
+        workers=getattr(executor, "workers", 1),
+    )
+    merged_jobs = [j for j in plan.jobs if j.merge]
+    n_models = len(spec.models)
+    sq_delta = [0.0] * n_models
+    sq_base = [0.0]
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        state: Any = None
+        for p in range(plan.reduction_passes):
+
+            def reduce_one(job: TensorJob, _p: int = p, _state: Any = state) -> Any:
+                tensors, base = _inputs(plan, job)
+                ctx = TensorContext(job.name, spec.seed, _state)
+                return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
+
+            acc = None
+            for i, partial in enumerate(
+                executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))
+            ):
+                acc = method.reduction.fold(p, acc, partial)
+                if progress:
+                    progress(f"pass {p + 1}/{plan.reduction_passes}", i + 1, len(merged_jobs))
+            state = method.reduction.finish(p, state, acc, plan.global_params)
+            report.bytes_read += sum(j.read_bytes for j in merged_jobs)
+
+        def merge_one(job: TensorJob) -> tuple[list[float], float]:
+            if not job.merge:
+                t = _read(plan, job.copy_from, job.name, None)
+                sink.write(job.name, t.to(job.out.dtype))
+                return [], 0.0
+            tensors, base = _inputs(plan, job)
+            ctx = TensorContext(job.name, spec.seed, state)
+            merged = method.fn(tensors, base, ctx, **job.params)
+            if tuple(merged.shape) != job.out.shape:
+                raise RuntimeError(
+                    f"{method.name} returned shape {list(merged.shape)} for "
+                    f"{job.name!r}, expected {list(job.out.shape)}"
+                )
+            sink.write(job.name, merged.to(job.out.dtype))
+            if base is None:
+                return [], 0.0
+            b = base.float()
+            return (
+                [float((x.float() - b).square().sum()) for x in tensors],
+                float(b.square().sum()),
+            )
+
+        for i, (deltas, base_sq) in enumerate(
+            executor.run(merge_one, ((j, j.cost) for j in plan.jobs))
+        ):
+            if progress:
+                progress("merge", i + 1, len(plan.jobs))
+            sq_base[0] += base_sq
+            # A job's sources are the models that hold the tensor; with strict keys, all of them.
+            if deltas and len(deltas) == n_models:
+                for k, v in enumerate(deltas):
+                    sq_delta[k] += v
+        report.bytes_read += sum(j.read_bytes for j in plan.jobs)
+        report.bytes_written = plan.write_bytes
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss = rss.peak
+    report.baseline_rss = rss.baseline
+    if spec.base is not None and sq_base[0] > 0:
+        for k, m in enumerate(spec.models):
+            rel = math.sqrt(sq_delta[k] / sq_base[0])
+            report.relative_delta_norm[m.label] = rel
+            if spec.base_check is not None and rel > spec.base_check:
+                raise MismatchError(
+                    f"{m.label} differs from the base {spec.base.label} by {rel:.0%} of the "
+                    f"base's norm (‖θ − θ₀‖/‖θ₀‖; allowed {spec.base_check:.0%}). Is the base the "
+                    "model these were fine-tuned from? Pass base_check=None (--no-base-check) "
+                    "to merge anyway."
+                )
+    return report

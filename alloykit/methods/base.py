@@ -1,0 +1,328 @@
+"""The method contract: a merge method is a registered function over the tensors of one parameter.
+
+A method is declared with :func:`merge_method`::
+
+    @merge_method("task_arithmetic", params=[Param("weight", float, 1.0, per_model=True), ...],
+                  needs_base=True)
+    def task_arithmetic(tensors, base, ctx, *, weight, lambda_):
+        ...
+
+* ``tensors`` are the fine-tuned models' tensors for one parameter name, already in the compute
+  dtype; ``base`` is the base model's tensor (``None`` when the method takes no base).
+* ``ctx`` (:class:`TensorContext`) carries the tensor's name, a seeded RNG factory and the
+  whole-model statistics of a :class:`Reduction`, if the method declared one.
+* Every declared :class:`Param` arrives as a keyword (``lambda`` as ``lambda_``); per-model
+  parameters arrive as lists aligned with ``tensors``.
+
+A method never opens a file; the engine never names a method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from alloykit.errors import ParameterError
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter: type, default, range or choices, and whether it is per model."""
+
+    name: str
+    kind: type
+    default: Any = REQUIRED
+    per_model: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    @property
+    def py_name(self) -> str:
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {self.ge}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt}")
+        if self.le is not None:
+            parts.append(f"<= {self.le}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt}")
+        kind = self.kind.__name__
+        return f"a {kind}" + (" " + " and ".join(parts) if parts else "")
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce and check one value; the message names method, parameter, value and range."""
+        bad = f"{where}: parameter {self.name!r} = {value!r} is not allowed; expected {self.allowed()}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ParameterError(bad)
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ParameterError(bad)
+            if self.kind is int and float(value) != int(value):
+                raise ParameterError(bad)
+            value = self.kind(value)
+            if value != value:  # NaN
+                raise ParameterError(bad)
+            if (
+                (self.ge is not None and value < self.ge)
+                or (self.gt is not None and value <= self.gt)
+                or (self.le is not None and value > self.le)
+                or (self.lt is not None and value >= self.lt)
+            ):
+                raise ParameterError(bad)
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise ParameterError(bad)
+            return value
+        raise TypeError(f"unsupported parameter kind {self.kind}")
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges, besides the tensors themselves."""
+
+    name: str
+    seed: int = 0
+    stats: Any = None
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, tensor name, stream): the same numbers whatever order
+        or worker the tensor is merged in, so 1 and N workers give identical bytes."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{stream}".encode()).digest()
+        g = torch.Generator()
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+
+class Reduction(Protocol):
+    """Whole-model quantities a method needs before merging any tensor (e.g. a global top-k
+    threshold per task). The engine runs ``passes(params)`` passes over every merged tensor:
+    ``map`` on each (in workers), ``fold`` the partial results, then ``finish`` gives the state
+    that the next pass, and finally the method (as ``ctx.stats``), sees."""
+
+    def passes(self, params: dict[str, Any]) -> int: ...
+    def map(
+        self,
+        index: int,
+        state: Any,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        ctx: TensorContext,
+        params: dict[str, Any],
+    ) -> Any: ...
+    def fold(self, index: int, acc: Any, partial: Any) -> Any: ...
+    def finish(self, index: int, state: Any, acc: Any, params: dict[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...]
+    needs_base: bool
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_preset: str | None = None
+    reduction: Reduction | None = None
+    min_models: int = 1
+    max_models: int | None = None
+    # Working float32 copies of one input tensor the method holds at once, per model (planning).
+    memory_factor: float = 3.0
+
+    @property
+    def summary(self) -> str:
+        doc = (self.fn.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ParameterError(
+            f"{self.name}: unknown parameter {name!r}; known: {', '.join(p.name for p in self.params)}"
+        )
+
+    def __call__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        base: torch.Tensor | None = None,
+        ctx: TensorContext | None = None,
+        preset: str | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        """Merge one tensor directly (notebooks, tests): defaults, preset and validation apply."""
+        values = self.resolve(len(tensors), preset=preset, global_params=params)
+        if self.needs_base and base is None:
+            raise ParameterError(f"{self.name}: needs a base tensor")
+        return self.fn(list(tensors), base, ctx or TensorContext(name=""), **values)
+
+    def resolve(
+        self,
+        n_models: int,
+        preset: str | None = None,
+        global_params: dict[str, Any] | None = None,
+        model_params: Sequence[dict[str, Any]] | None = None,
+        tensor_name: str = "",
+        layer_t: float = 0.0,
+    ) -> dict[str, Any]:
+        """Final, validated keyword arguments of ``fn`` for one tensor.
+
+        Precedence, lowest first: the declared default, the preset, the global value, the
+        per-model value. Values may be tensor-name conditions or gradients (see
+        :func:`evaluate_setting`)."""
+        preset_name = preset or self.default_preset
+        if preset_name is not None and preset_name not in self.presets:
+            raise ParameterError(
+                f"{self.name}: unknown preset {preset_name!r}; known: {', '.join(self.presets) or 'none'}"
+            )
+        preset_values = self.presets.get(preset_name, {}) if preset_name else {}
+        global_params = dict(global_params or {})
+        model_params = list(model_params or [{} for _ in range(n_models)])
+        known = {p.name for p in self.params}
+        for source in [global_params, *model_params]:
+            for key in source:
+                if key not in known:
+                    self.param(key)  # raises with the list of known parameters
+        out: dict[str, Any] = {}
+        for p in self.params:
+            where = f"{self.name}" + (f" (tensor {tensor_name!r})" if tensor_name else "")
+
+            def pick(setting: Any, _p: Param = p, _where: str = where) -> Any:
+                value = evaluate_setting(setting, tensor_name, layer_t)
+                return _p.validate(value, _where)
+
+            fallback = preset_values.get(p.name, p.default)
+            if p.name in global_params:
+                fallback = global_params[p.name]
+            if p.per_model:
+                values = []
+                for i, mp in enumerate(model_params):
+                    setting = mp.get(p.name, fallback)
+                    if setting is REQUIRED:
+                        raise ParameterError(
+                            f"{where}: parameter {p.name!r} is required for model {i}"
+                        )
+                    values.append(pick(setting, _where=f"{where}, model {i}"))
+                out[p.py_name] = values
+            else:
+                if fallback is REQUIRED:
+                    raise ParameterError(f"{where}: parameter {p.name!r} is required")
+                out[p.py_name] = pick(fallback)
+        return out
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """A parameter value as given in a recipe, evaluated for one tensor.
+
+    * a scalar: itself;
+    * a list of numbers: a *gradient* over layer depth ``t`` in [0, 1], linearly interpolated
+      (mergekit's rule: ``t = layer / (layers − 1)``; tensors outside layers use ``t = 0``);
+    * a list of ``{filter: ..., value: ...}``: the first whose filter matches wins. A filter is a
+      substring of the tensor name (mergekit's rule), ``re:PATTERN`` for a regular expression
+      searched in the name, or absent / ``"*"`` for "any tensor".
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            raise ParameterError("an empty list is not a parameter value")
+        if all(isinstance(e, int | float) and not isinstance(e, bool) for e in setting):
+            if len(setting) == 1:
+                return setting[0]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        if all(isinstance(e, dict) for e in setting):
+            for cond in setting:
+                if "value" not in cond:
+                    raise ParameterError(f"condition {cond!r} has no 'value'")
+                flt = cond.get("filter")
+                if (
+                    flt is None
+                    or flt == "*"
+                    or (
+                        re.search(flt[3:], tensor_name)
+                        if flt.startswith("re:")
+                        else flt in tensor_name
+                    )
+                ):
+                    return evaluate_setting(cond["value"], tensor_name, t)
+            raise ParameterError(
+                f"no condition matches tensor {tensor_name!r} and no default is given"
+            )
+        raise ParameterError(f"cannot read parameter value {setting!r}")
+    return setting
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: Sequence[Param],
+    needs_base: bool,
+    presets: dict[str, dict[str, Any]] | None = None,
+    default_preset: str | None = None,
+    reduction: Reduction | None = None,
+    min_models: int = 1,
+    max_models: int | None = None,
+    memory_factor: float = 3.0,
+) -> Callable[[Callable], MergeMethod]:
+    """Declare and register a method (see the module docstring)."""
+
+    def wrap(fn: Callable) -> MergeMethod:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        m = MergeMethod(
+            name,
+            fn,
+            tuple(params),
+            needs_base,
+            dict(presets or {}),
+            default_preset,
+            reduction,
+            min_models,
+            max_models,
+            memory_factor,
+        )
+        for pname, values in m.presets.items():
+            for k in values:
+                m.param(k)  # a preset may only set declared parameters
+            del pname
+        REGISTRY[name] = m
+        return m
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    import alloykit.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ParameterError(
+            f"unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))}"
+        ) from None

@@ -1,0 +1,133 @@
+"""Reading mergekit's YAML (``merge_method``, ``models``, ``base_model``, ``parameters``,
+``dtype``, ``out_dtype``) into an alloykit :class:`~alloykit.recipe.schema.Recipe`.
+
+Each supported mergekit method maps to an alloykit method with its ``mergekit`` preset, which
+reproduces mergekit 0.1.5's arithmetic. mergekit computes in ``dtype`` (or the inputs' own
+dtype when it is absent) and writes ``out_dtype`` (else ``dtype``); so does the translation.
+What is not supported yet is refused with a message that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alloykit.errors import RecipeError
+
+# mergekit name -> (alloykit method, preset)
+METHODS: dict[str, tuple[str, str]] = {
+    "linear": ("linear", "mergekit"),
+    "task_arithmetic": ("task_arithmetic", "mergekit"),
+    "ties": ("ties", "mergekit"),
+    "dare_linear": ("dare", "mergekit"),
+    "dare_ties": ("dare", "mergekit_ties"),
+}
+# mergekit's default ``normalize`` per method (its GeneralizedTaskArithmeticMerge table).
+_NORMALIZE_DEFAULT = {"ties": True, "dare_ties": False, "dare_linear": False}
+_TOP_LEVEL = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "slices",
+    "modules",
+    "name",
+}
+
+
+def _bool_to(value: Any, true: str, false: str, what: str) -> str:
+    if not isinstance(value, bool):
+        raise RecipeError(
+            f"mergekit parameter {what!r} = {value!r}: alloykit reads only a plain "
+            "true/false here (no filters or gradients yet)"
+        )
+    return true if value else false
+
+
+def _translate_params(params: dict[str, Any], method: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (params or {}).items():
+        if key == "int8_mask":
+            continue  # only changes the mask's dtype in mergekit, not the result
+        if key == "normalize" and method in _NORMALIZE_DEFAULT:
+            out["aggregate"] = _bool_to(value, "weighted_mean", "sum", key)
+        elif key == "rescale" and method in ("ties", "dare_ties", "dare_linear"):
+            out["rescale"] = _bool_to(value, "l1", "none", key)
+        else:
+            out[key] = value
+    return out
+
+
+def _local(ref: Any, what: str) -> str:
+    if isinstance(ref, dict):
+        ref = ref.get("model")
+    if not isinstance(ref, str):
+        raise RecipeError(f"{what}: expected a model path, got {ref!r}")
+    if "+" in ref:
+        raise RecipeError(
+            f"{what} {ref!r}: LoRA references (model+lora) are not supported yet; "
+            "merge the adapter into its model first"
+        )
+    if "@" in ref:
+        raise RecipeError(
+            f"{what} {ref!r}: revisions are not supported; alloykit reads local "
+            "folders only (it never downloads)"
+        )
+    return ref
+
+
+def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise RecipeError(f"mergekit recipe: unknown keys {sorted(unknown)}")
+    for key in ("slices", "modules"):
+        if key in data:
+            raise RecipeError(
+                f"mergekit recipe: '{key}:' (layer-range merges) is not supported "
+                "yet; use 'models:'"
+            )
+    if data.get("tokenizer") is not None or data.get("chat_template") is not None:
+        raise RecipeError(
+            "mergekit recipe: 'tokenizer:' and 'chat_template:' are not supported "
+            "yet (alloykit copies the base model's tokenizer files)"
+        )
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise RecipeError(
+            f"mergekit recipe: tokenizer_source {tok!r} is not supported yet; "
+            "only 'base' (alloykit copies the base model's tokenizer files)"
+        )
+    name = data["merge_method"]
+    if name not in METHODS:
+        raise RecipeError(
+            f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}"
+        )
+    method, preset = METHODS[name]
+    base = _local(data["base_model"], "base_model") if data.get("base_model") else None
+    models = []
+    for entry in data.get("models") or []:
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(
+                f"mergekit recipe: each entry of models needs 'model:', got {entry!r}"
+            )
+        ref = _local(entry["model"], "models")
+        if base is not None and ref == base and method != "linear":
+            continue  # mergekit lists the base among the models; task-vector methods skip it
+        models.append(
+            {"model": ref, "parameters": _translate_params(entry.get("parameters") or {}, name)}
+        )
+    dtype = data.get("dtype") or "auto"
+    return {
+        "method": method,
+        "preset": preset,
+        "base_model": base if method != "linear" else None,
+        "models": models,
+        "parameters": _translate_params(data.get("parameters") or {}, name),
+        "dtype": dtype,
+        "out_dtype": data.get("out_dtype") or (None if dtype == "auto" else dtype),
+        "source_format": "mergekit",
+    }

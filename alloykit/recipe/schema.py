@@ -1,0 +1,128 @@
+"""The recipe schema (pydantic) and its loader.
+
+An alloykit recipe::
+
+    method: ties
+    preset: paper            # optional; each method lists its presets (alloykit methods)
+    base_model: ./base
+    models:
+      - model: ./ft-math
+        parameters: {weight: 1.0, density: 0.2}
+      - model: ./ft-code
+    parameters: {lambda: 1.0}  # global values; per-model ones here apply to every model
+    dtype: float32           # compute dtype ("auto": the inputs' own)
+    out_dtype: bfloat16      # written dtype (default: the inputs')
+    seed: 0
+    keys: strict             # strict | union | intersection
+    exclude: ["lm_head"]     # regexes: matching tensors are copied from the base, not merged
+    output: {shard_size: 5GB, copy_files_from: ./base}
+
+A parameter value may be a scalar, a gradient over layer depth (a list of numbers) or a list of
+``{filter: ..., value: ...}`` conditions (see :func:`alloykit.methods.base.evaluate_setting`).
+A file with ``merge_method:`` is read as a mergekit recipe (:mod:`alloykit.recipe.mergekit`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alloykit.errors import RecipeError
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shard_size: str | int = "5GB"
+    copy_files_from: str | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    preset: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    seed: int = 0
+    keys: Literal["strict", "union", "intersection"] = "strict"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
+    source_format: str = "alloykit"
+
+    def merge_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`alloykit.merge` (besides output and run options)."""
+        return dict(
+            models=[m.model for m in self.models],
+            base_model=self.base_model,
+            method=self.method,
+            preset=self.preset,
+            parameters=self.parameters,
+            model_parameters=[m.parameters for m in self.models],
+            dtype=self.dtype,
+            out_dtype=self.out_dtype,
+            seed=self.seed,
+            keys=self.keys,
+            include=self.include,
+            exclude=self.exclude,
+            shard_size=self.output.shard_size,
+            copy_files_from=self.output.copy_files_from,
+        )
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_path(p: str | None, folder: Path | None) -> str | None:
+    """Paths in a recipe: as given if they exist from the working folder (mergekit's rule),
+    else relative to the recipe's own folder."""
+    if p is None or folder is None or Path(p).is_absolute() or Path(p).exists():
+        return p
+    candidate = folder / p
+    return str(candidate) if candidate.exists() else p
+
+
+def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe is a mapping at the top level, got {type(data).__name__}")
+    if "merge_method" in data:
+        from alloykit.recipe.mergekit import translate_mergekit
+
+        data = translate_mergekit(data)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError("invalid recipe:\n" + _format_errors(e)) from None
+    recipe.base_model = _resolve_path(recipe.base_model, folder)
+    for m in recipe.models:
+        m.model = _resolve_path(m.model, folder)
+    recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} not found") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    return recipe_from_dict(data, path.parent)
