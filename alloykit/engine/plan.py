@@ -102,11 +102,9 @@ def _describe_missing(
     lines = []
     for r, ks in zip(readers, key_sets, strict=True):
         missing, extra = sorted(reference - ks), sorted(ks - reference)
-        if missing or extra:
-            lines.append(
-                f"  {r.label}: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(extra)} extra (e.g. {extra[:3]}) compared with {ref_label}"
-            )
+        parts = [f"{len(v)} {what} (e.g. {v[:3]})" for v, what in ((missing, "missing"), (extra, "extra")) if v]
+        if parts:
+            lines.append(f"  {r.label}: {', '.join(parts)} compared with {ref_label}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +213,10 @@ class SafetensorsReader:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # Only the zip format (torch >= 1.6) can be memory-mapped; legacy files are read whole.
+    mmap = zipfile.is_zipfile(path) if path.exists() else False
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except pickle.UnpicklingError as e:
