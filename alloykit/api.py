@@ -53,15 +53,11 @@ def build_spec(
     base_check: float | None = 0.5,
 ) -> MergeSpec:
     m = get_method(method)
-    readers: list[CheckpointReader] = [
-        open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)
-    ]
+    readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
     base = (
         open_checkpoint(
             base_model,
-            _label(base_model, -1)
-            if not isinstance(base_model, str | os.PathLike)
-            else str(base_model),
+            _label(base_model, -1) if not isinstance(base_model, str | os.PathLike) else str(base_model),
         )
         if base_model is not None
         else None
@@ -143,17 +139,13 @@ def merge(
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     if output is None:
         sink = DictSink()
-        result.report = run_plan(
-            plan, sink, workers=workers, max_bytes=max_bytes, progress=progress
-        )
+        result.report = run_plan(plan, sink, workers=workers, max_bytes=max_bytes, progress=progress)
         result.state_dict = sink.tensors
         result.provenance = provenance(plan, result.report, started, recipe)
         return result
     metas = [j.out for j in plan.jobs]
     with StreamingWriter(output, metas, parse_size(shard_size), force=force) as writer:
-        result.report = run_plan(
-            plan, writer, workers=workers, max_bytes=max_bytes, progress=progress
-        )
+        result.report = run_plan(plan, writer, workers=workers, max_bytes=max_bytes, progress=progress)
         companion = spec.base if spec.base is not None else spec.models[0]
         if copy_files_from is not None:
             companion = open_checkpoint(copy_files_from)
@@ -164,9 +156,7 @@ def merge(
         )
         writer.write_text(
             "alloykit_recipe.yml",
-            yaml.safe_dump(
-                recipe if recipe is not None else result.provenance["recipe"], sort_keys=False
-            ),
+            yaml.safe_dump(recipe if recipe is not None else result.provenance["recipe"], sort_keys=False),
         )
         result.output = writer.commit()
     return result

@@ -37,9 +37,7 @@ DEMO_MERGES: list[tuple[str, str, str | None, dict[str, Any]]] = [
 class MultiTaskMLP(nn.Module):
     def __init__(self, n_heads: int = TASKS, aux_classes: int = 8):
         super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU()
-        )
+        self.trunk = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU())
         self.aux = nn.Linear(HIDDEN, aux_classes)
         self.heads = nn.ModuleList(nn.Linear(HIDDEN, CLASSES) for _ in range(n_heads))
 
@@ -56,9 +54,7 @@ def _tasks(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tenso
     return world, heads, aux
 
 
-def _data(
-    world: torch.Tensor, head: torch.Tensor, n: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(world: torch.Tensor, head: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D_IN, generator=g)
     return x, (torch.tanh(x @ world.T * 3) @ head.T).argmax(1)
@@ -122,14 +118,9 @@ def build_models(
 
 def _save(model: nn.Module, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
-    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(
-        json.dumps(
-            {"model_type": "alloykit-demo-mlp", "d_in": D_IN, "hidden": HIDDEN, "tasks": TASKS}
-        )
-        + "\n"
+        json.dumps({"model_type": "alloykit-demo-mlp", "d_in": D_IN, "hidden": HIDDEN, "tasks": TASKS}) + "\n"
     )
     return folder
 

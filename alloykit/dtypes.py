@@ -32,8 +32,7 @@ def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dt
         return _NAMES[key]
     except KeyError:
         raise ParameterError(
-            f"{what} = {name!r} is not allowed; expected one of float32, bfloat16, float16, "
-            "float64 or auto"
+            f"{what} = {name!r} is not allowed; expected one of float32, bfloat16, float16, float64 or auto"
         ) from None
 
 

@@ -24,11 +24,14 @@ def make_base(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, to
     return {k: torch.randn(s, generator=g).to(dtype) for k, s in SHAPES.items()}
 
 
-def make_finetunes(base: dict[str, torch.Tensor], n: int = 3, scale: float = 0.05,
-                   seed: int = 1) -> list[dict[str, torch.Tensor]]:
+def make_finetunes(
+    base: dict[str, torch.Tensor], n: int = 3, scale: float = 0.05, seed: int = 1
+) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype)
-             for k, v in base.items()} for _ in range(n)]
+    return [
+        {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+        for _ in range(n)
+    ]
 
 
 def save_folder(sd: dict[str, torch.Tensor], folder: Path, config: dict | None = None) -> Path:
@@ -44,5 +47,10 @@ def toy(tmp_path: Path):
     base = make_base()
     fts = make_finetunes(base)
     paths = [save_folder(sd, tmp_path / f"ft{i}") for i, sd in enumerate(fts)]
-    return {"base": base, "fts": fts, "base_path": save_folder(base, tmp_path / "base"),
-            "paths": paths, "tmp": tmp_path}
+    return {
+        "base": base,
+        "fts": fts,
+        "base_path": save_folder(base, tmp_path / "base"),
+        "paths": paths,
+        "tmp": tmp_path,
+    }

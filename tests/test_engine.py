@@ -16,14 +16,24 @@ from tests.conftest import make_base, make_finetunes, save_folder
 
 
 def digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.suffix == ".safetensors" or p.name.endswith("index.json")}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.suffix == ".safetensors" or p.name.endswith("index.json")
+    }
 
 
 def test_output_is_a_complete_model_folder(toy):
     out = toy["tmp"] / "merged"
-    res = merge(toy["paths"], toy["base_path"], "ties", out, parameters={"density": 0.5},
-                out_dtype="bfloat16", recipe={"method": "ties", "note": "mine"})
+    res = merge(
+        toy["paths"],
+        toy["base_path"],
+        "ties",
+        out,
+        parameters={"density": 0.5},
+        out_dtype="bfloat16",
+        recipe={"method": "ties", "note": "mine"},
+    )
     assert res.output == out
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "alloykit_provenance.json", "alloykit_recipe.yml"} <= names
@@ -40,15 +50,25 @@ def test_output_is_a_complete_model_folder(toy):
     assert all(torch.equal(r.read(k), mem[k]) for k in mem)
 
 
-@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare", {"density": 0.5}),
-                                           ("linear", {})])
+@pytest.mark.parametrize(
+    "method,params", [("ties", {"density": 0.3}), ("dare", {"density": 0.5}), ("linear", {})]
+)
 def test_same_seed_identical_bytes_for_any_worker_count(toy, method, params):
     base = None if method == "linear" else toy["base_path"]
     runs = []
     for i, (workers, mem) in enumerate([(1, None), (3, None), (2, "1KB")]):
         out = toy["tmp"] / f"o{i}"
-        merge(toy["paths"], base, method, out, parameters=params, seed=11, workers=workers,
-              max_memory=mem, shard_size=300)
+        merge(
+            toy["paths"],
+            base,
+            method,
+            out,
+            parameters=params,
+            seed=11,
+            workers=workers,
+            max_memory=mem,
+            shard_size=300,
+        )
         runs.append(digest(out))
     assert len(runs[0]) > 2  # several shards and an index
     assert runs[0] == runs[1] == runs[2]
@@ -73,8 +93,11 @@ def test_shape_mismatch_names_tensor_shapes_and_models(toy):
     bad = dict(toy["fts"][1])
     bad["layers.0.attn.weight"] = torch.zeros(6, 7)
     p = save_folder(bad, toy["tmp"] / "bad")
-    with pytest.raises(MismatchError, match=r"'layers.0.attn.weight' has different shapes .*"
-                                            r"bad: \[6, 7\].*base: \[6, 6\]"):
+    with pytest.raises(
+        MismatchError,
+        match=r"'layers.0.attn.weight' has different shapes .*"
+        r"bad: \[6, 7\].*base: \[6, 6\]",
+    ):
         merge([toy["paths"][0], p], toy["base_path"], "task_arithmetic", toy["tmp"] / "o")
     assert not (toy["tmp"] / "o").exists()
 
@@ -82,15 +105,20 @@ def test_shape_mismatch_names_tensor_shapes_and_models(toy):
 def test_missing_keys_error_by_default_and_union_or_intersection_on_request(toy):
     fewer = {k: v for k, v in toy["fts"][1].items() if k != "head.weight"}
     extra = dict(toy["fts"][2]) | {"extra.bias": torch.ones(2)}
-    with pytest.raises(MismatchError, match=r"(?s)model_1: 1 missing \(e.g. \['head.weight'\]\).*keys='union'"):
+    with pytest.raises(
+        MismatchError, match=r"(?s)model_1: 1 missing \(e.g. \['head.weight'\]\).*keys='union'"
+    ):
         merge([toy["fts"][0], fewer], toy["base"], "task_arithmetic")
     inter = merge([toy["fts"][0], fewer, extra], toy["base"], "task_arithmetic", keys="intersection")
     assert "head.weight" not in inter.state_dict and "extra.bias" not in inter.state_dict
     union = merge([toy["fts"][0], fewer, extra], toy["base"], "task_arithmetic", keys="union")
     sd = union.state_dict
     # head.weight: merged from the two models that have it
-    expected = toy["base"]["head.weight"] + (toy["fts"][0]["head.weight"] - toy["base"]["head.weight"]) \
+    expected = (
+        toy["base"]["head.weight"]
+        + (toy["fts"][0]["head.weight"] - toy["base"]["head.weight"])
         + (extra["head.weight"] - toy["base"]["head.weight"])
+    )
     torch.testing.assert_close(sd["head.weight"], expected)
     assert torch.equal(sd["extra.bias"], torch.ones(2))  # not in the base: copied, with a warning
     assert any("extra.bias" in w for w in union.plan.warnings)

@@ -20,8 +20,12 @@ def _metas(sd):
 
 
 def test_safetensors_reader_is_lazy_and_exact(tmp_path):
-    sd = make_base() | {"ids": torch.arange(5), "half": torch.randn(3, 2).half(),
-                        "bf": torch.randn(4).bfloat16(), "empty": torch.zeros(0, 3)}
+    sd = make_base() | {
+        "ids": torch.arange(5),
+        "half": torch.randn(3, 2).half(),
+        "bf": torch.randn(4).bfloat16(),
+        "empty": torch.zeros(0, 3),
+    }
     save_file(sd, tmp_path / "m.safetensors")
     r = open_checkpoint(tmp_path / "m.safetensors")
     assert set(r.keys()) == set(sd)
@@ -100,12 +104,19 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
         open_checkpoint(tmp_path / "m.safetensors")
 
 
-@pytest.mark.parametrize("payload,match", [
-    (b"\x01\x02", "not a safetensors file"),
-    (struct.pack("<Q", 10**12) + b"{}", "corrupt safetensors header"),
-    (struct.pack("<Q", 4) + b"{{{{", "corrupt safetensors header"),
-    (struct.pack("<Q", 60) + json.dumps({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}).encode().ljust(60), "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        (b"\x01\x02", "not a safetensors file"),
+        (struct.pack("<Q", 10**12) + b"{}", "corrupt safetensors header"),
+        (struct.pack("<Q", 4) + b"{{{{", "corrupt safetensors header"),
+        (
+            struct.pack("<Q", 60)
+            + json.dumps({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}).encode().ljust(60),
+            "unknown dtype",
+        ),
+    ],
+)
 def test_corrupt_safetensors_is_a_clear_error(tmp_path, payload, match):
     (tmp_path / "m.safetensors").write_bytes(payload)
     with pytest.raises(CheckpointError, match=match):
@@ -158,8 +169,10 @@ def test_module_and_state_dict_sources():
     assert set(r.keys()) == {"weight", "bias"} and torch.equal(r.read("weight"), m.weight)
 
 
-@pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 5 * 10**8),
-                                        ("1.5 kb", 1500), (123, 123)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 5 * 10**8), ("1.5 kb", 1500), (123, 123)],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 

@@ -20,7 +20,7 @@ def unflat(v: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
     out, pos = {}, 0
     for k in sorted(like):
         n = like[k].numel()
-        out[k] = v[pos:pos + n].reshape(like[k].shape)
+        out[k] = v[pos : pos + n].reshape(like[k].shape)
         pos += n
     return out
 
@@ -39,32 +39,40 @@ def test_linear_weighted_average_by_hand():
     b = {"w": torch.tensor([3.0, 0.0, 4.0])}
     out = merge_state_dicts([a, b], None, "linear", model_parameters=[{"weight": 1}, {"weight": 3}])
     torch.testing.assert_close(out["w"], torch.tensor([2.5, 0.5, 2.0]))
-    out = merge_state_dicts([a, b], None, "linear", parameters={"normalize": False},
-                            model_parameters=[{"weight": 1}, {"weight": 3}])
+    out = merge_state_dicts(
+        [a, b],
+        None,
+        "linear",
+        parameters={"normalize": False},
+        model_parameters=[{"weight": 1}, {"weight": 3}],
+    )
     torch.testing.assert_close(out["w"], torch.tensor([10.0, 2.0, 8.0]))
 
 
 def test_linear_with_one_weight_one_returns_that_model():
     base = make_base()
     fts = make_finetunes(base)
-    out = merge_state_dicts(fts, None, "linear",
-                            model_parameters=[{"weight": 0.0}, {"weight": 1.0}, {"weight": 0.0}])
+    out = merge_state_dicts(
+        fts, None, "linear", model_parameters=[{"weight": 0.0}, {"weight": 1.0}, {"weight": 0.0}]
+    )
     assert_sd_close(out, fts[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method,params", [
-    ("linear", {}),
-    ("task_arithmetic", {"normalize": True}),
-    ("ties", {"density": 1.0}),
-    ("ties", {"density": 0.3}),  # identical task vectors: trimmed δ is re-added at the top-k entries
-    ("dare", {"density": 1.0, "aggregate": "weighted_mean"}),
-    ("magnitude_prune", {"density": 1.0, "normalize": True}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("linear", {}),
+        ("task_arithmetic", {"normalize": True}),
+        ("ties", {"density": 1.0}),
+        ("ties", {"density": 0.3}),  # identical task vectors: trimmed δ is re-added at the top-k entries
+        ("dare", {"density": 1.0, "aggregate": "weighted_mean"}),
+        ("magnitude_prune", {"density": 1.0, "normalize": True}),
+    ],
+)
 def test_merging_identical_models_returns_that_model(method, params):
     base = make_base()
     ft = make_finetunes(base, n=1)[0]
-    out = merge_state_dicts([ft, ft, ft], None if method == "linear" else base, method,
-                            parameters=params)
+    out = merge_state_dicts([ft, ft, ft], None if method == "linear" else base, method, parameters=params)
     if params.get("density", 1.0) < 1:
         # TIES keeps the top 30 % of the (shared) task vector; the rest stays at the base.
         mask = {k: v for k, v in unflat(_paper_topk_mask(flat(ft) - flat(base), 0.3), ft).items()}
@@ -77,8 +85,7 @@ def test_merging_identical_models_returns_that_model(method, params):
 def test_linear_rejects_weights_summing_to_zero():
     a = {"w": torch.ones(2)}
     with pytest.raises(ParameterError, match="sum to 0"):
-        merge_state_dicts([a, a], None, "linear",
-                          model_parameters=[{"weight": 1.0}, {"weight": -1.0}])
+        merge_state_dicts([a, a], None, "linear", model_parameters=[{"weight": 1.0}, {"weight": -1.0}])
 
 
 # ----------------------------------------------------------------------------- task arithmetic
@@ -88,8 +95,9 @@ def test_task_arithmetic_formula():
     base = make_base()
     fts = make_finetunes(base)
     w, lam = [0.5, 1.0, 2.0], 0.3
-    out = merge_state_dicts(fts, base, "task_arithmetic", parameters={"lambda": lam},
-                            model_parameters=[{"weight": x} for x in w])
+    out = merge_state_dicts(
+        fts, base, "task_arithmetic", parameters={"lambda": lam}, model_parameters=[{"weight": x} for x in w]
+    )
     for k in base:
         expected = base[k] + lam * sum(wi * (f[k] - base[k]) for wi, f in zip(w, fts, strict=True))
         torch.testing.assert_close(out[k], expected, rtol=1e-6, atol=1e-6)
@@ -150,8 +158,10 @@ def test_ties_density_one_no_conflicts_is_the_mean_of_task_vectors():
     base = make_base()
     g = torch.Generator().manual_seed(3)
     direction = {k: torch.randn(v.shape, generator=g).sign() for k, v in base.items()}
-    fts = [{k: base[k] + 0.1 * direction[k] * torch.rand(v.shape, generator=g) for k, v in base.items()}
-           for _ in range(3)]
+    fts = [
+        {k: base[k] + 0.1 * direction[k] * torch.rand(v.shape, generator=g) for k, v in base.items()}
+        for _ in range(3)
+    ]
     out = merge_state_dicts(fts, base, "ties", parameters={"density": 1.0})
     for k in base:
         torch.testing.assert_close(out[k], base[k] + sum(f[k] - base[k] for f in fts) / 3)
@@ -161,10 +171,13 @@ def test_ties_density_one_with_sum_equals_task_arithmetic():
     base = make_base()
     g = torch.Generator().manual_seed(4)
     direction = {k: torch.randn(v.shape, generator=g).sign() for k, v in base.items()}
-    fts = [{k: base[k] + 0.1 * direction[k] * torch.rand(v.shape, generator=g) for k, v in base.items()}
-           for _ in range(2)]
-    ties = merge_state_dicts(fts, base, "ties", preset="mergekit",
-                             parameters={"density": 1.0, "aggregate": "sum", "lambda": 0.4})
+    fts = [
+        {k: base[k] + 0.1 * direction[k] * torch.rand(v.shape, generator=g) for k, v in base.items()}
+        for _ in range(2)
+    ]
+    ties = merge_state_dicts(
+        fts, base, "ties", preset="mergekit", parameters={"density": 1.0, "aggregate": "sum", "lambda": 0.4}
+    )
     ta = merge_state_dicts(fts, base, "task_arithmetic", parameters={"lambda": 0.4})
     assert_sd_close(ties, ta, rtol=0, atol=1e-6)
 
@@ -173,8 +186,14 @@ def test_ties_mergekit_preset_by_independent_formula():
     base = make_base()
     fts = make_finetunes(base, n=3)
     w, dens, lam = [0.7, 1.3, 1.0], [0.3, 0.5, 0.4], 0.9
-    out = merge_state_dicts(fts, base, "ties", preset="mergekit", parameters={"lambda": lam},
-                            model_parameters=[{"weight": a, "density": d} for a, d in zip(w, dens, strict=True)])
+    out = merge_state_dicts(
+        fts,
+        base,
+        "ties",
+        preset="mergekit",
+        parameters={"lambda": lam},
+        model_parameters=[{"weight": a, "density": d} for a, d in zip(w, dens, strict=True)],
+    )
     for k in base:
         deltas = []
         for f, d in zip(fts, dens, strict=True):
@@ -213,8 +232,7 @@ def test_model_topk_threshold_equals_kthvalue_of_the_concatenation(dtype, densit
     shapes = [(37, 11), (5,), (64, 3), (1,)]
     base = [torch.zeros(s, dtype=dtype) for s in shapes]
     # Rounded values: many exact ties, like bf16 fine-tunes have.
-    fts = [[(torch.randn(s, generator=g) * 4).round().div(4).to(dtype) for s in shapes]
-           for _ in range(2)]
+    fts = [[(torch.randn(s, generator=g) * 4).round().div(4).to(dtype) for s in shapes] for _ in range(2)]
     red = ModelTopK()
     params = {"topk": "model", "density": [density, density]}
     state = None
@@ -272,8 +290,9 @@ def test_dare_ties_combination_elects_signs():
     base = {"w": torch.zeros(3)}
     a = {"w": torch.tensor([1.0, 2.0, -1.0])}
     b = {"w": torch.tensor([-3.0, 2.0, -1.0])}
-    out = merge_state_dicts([a, b], base, "dare",
-                            parameters={"density": 1.0, "combine": "ties", "aggregate": "mean"})
+    out = merge_state_dicts(
+        [a, b], base, "dare", parameters={"density": 1.0, "combine": "ties", "aggregate": "mean"}
+    )
     torch.testing.assert_close(out["w"], torch.tensor([-3.0, 2.0, -1.0]))
 
 
@@ -306,12 +325,15 @@ def test_bf16_inputs_are_merged_in_float32_and_written_in_bf16():
         torch.testing.assert_close(out[k], expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"density": 1.5}, r"'density' = 1.5 is not allowed; expected a float >= 0.0 and <= 1.0"),
-    ({"lambda": "big"}, r"'lambda' = 'big' is not allowed; expected a float"),
-    ({"topk": "layer"}, r"'topk' = 'layer' is not allowed; expected one of 'model', 'tensor'"),
-    ({"densty": 0.5}, r"unknown parameter 'densty'; known: weight, density"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"density": 1.5}, r"'density' = 1.5 is not allowed; expected a float >= 0.0 and <= 1.0"),
+        ({"lambda": "big"}, r"'lambda' = 'big' is not allowed; expected a float"),
+        ({"topk": "layer"}, r"'topk' = 'layer' is not allowed; expected one of 'model', 'tensor'"),
+        ({"densty": 0.5}, r"unknown parameter 'densty'; known: weight, density"),
+    ],
+)
 def test_parameters_out_of_range_are_named(params, match):
     base = make_base()
     with pytest.raises(ParameterError, match=match):
@@ -332,8 +354,12 @@ def test_unknown_preset_is_named():
 def test_tensor_filters_and_gradients():
     base = {f"layers.{i}.w": torch.zeros(4) for i in range(3)} | {"head.w": torch.zeros(4)}
     ft = {k: torch.ones(4) for k in base}
-    out = merge_state_dicts([ft], base, "task_arithmetic", parameters={
-        "lambda": [{"filter": "head", "value": 0.25}, {"value": [0.0, 1.0]}]})
+    out = merge_state_dicts(
+        [ft],
+        base,
+        "task_arithmetic",
+        parameters={"lambda": [{"filter": "head", "value": 0.25}, {"value": [0.0, 1.0]}]},
+    )
     assert float(out["head.w"][0]) == 0.25
     assert [float(out[f"layers.{i}.w"][0]) for i in range(3)] == [0.0, 0.5, 1.0]
 

@@ -35,8 +35,7 @@ def inspect_task_vectors(models: Sequence[Any], base: Any, by: str = "layer") ->
     if by not in ("layer", "tensor"):
         raise ValueError(f"by = {by!r} is not allowed; expected 'layer' or 'tensor'")
     readers = [
-        open_checkpoint(m, str(m) if not isinstance(m, dict) else f"model_{i}")
-        for i, m in enumerate(models)
+        open_checkpoint(m, str(m) if not isinstance(m, dict) else f"model_{i}") for i, m in enumerate(models)
     ]
     b = open_checkpoint(base, str(base) if not isinstance(base, dict) else "base")
     names = [n for n in b.keys() if all(n in set(r.keys()) for r in readers)]

@@ -35,26 +35,16 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (alloykit's or mergekit's)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model folder")],
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    dry_run: Annotated[
-        bool, typer.Option(help="print the plan and memory estimate; merge nothing")
-    ] = False,
-    workers: Annotated[
-        int | None, typer.Option(help="parallel jobs (default: min(4, cores))")
-    ] = None,
-    max_memory: Annotated[
-        str | None, typer.Option(help="bound on bytes of jobs in flight, e.g. 4GB")
-    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the plan and memory estimate; merge nothing")] = False,
+    workers: Annotated[int | None, typer.Option(help="parallel jobs (default: min(4, cores))")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="bound on bytes of jobs in flight, e.g. 4GB")] = None,
     shard_size: Annotated[
         str | None, typer.Option(help="max shard size, e.g. 5GB (overrides recipe)")
     ] = None,
-    keys: Annotated[
-        str | None, typer.Option(help="strict | union | intersection (overrides recipe)")
-    ] = None,
+    keys: Annotated[str | None, typer.Option(help="strict | union | intersection (overrides recipe)")] = None,
     allow_nonfinite: Annotated[bool, typer.Option(help="merge inputs holding NaN/Inf")] = False,
     no_base_check: Annotated[bool, typer.Option(help="skip the 'is this the base?' check")] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print the report as JSON on stdout")
-    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
@@ -170,12 +160,8 @@ def methods() -> None:
                 p.help,
             )
         Console().print(t)
-        presets = ", ".join(
-            f"{k}{' (default)' if k == m.default_preset else ''}" for k in m.presets
-        )
-        Console().print(
-            f"  base model: {'required' if m.needs_base else 'not used'}; presets: {presets}\n"
-        )
+        presets = ", ".join(f"{k}{' (default)' if k == m.default_preset else ''}" for k in m.presets)
+        Console().print(f"  base model: {'required' if m.needs_base else 'not used'}; presets: {presets}\n")
 
 
 @app.command()
@@ -225,9 +211,7 @@ def inspect(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the example models are written")] = Path(
-        "demo-output"
-    ),
+    workdir: Annotated[Path, typer.Option(help="where the example models are written")] = Path("demo-output"),
 ) -> None:
     """Build a small base model and three fine-tunes offline, merge them with every method,
     and print each merged model's accuracy on every task."""

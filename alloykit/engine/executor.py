@@ -41,9 +41,7 @@ class ThreadExecutor:
             try:
                 for item, cost in items:
                     while len(pending) >= self.workers or (
-                        pending
-                        and budget.capacity is not None
-                        and budget.in_flight + cost > budget.capacity
+                        pending and budget.capacity is not None and budget.in_flight + cost > budget.capacity
                     ):
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for f in done:

@@ -55,11 +55,7 @@ class ByteBudget:
 
     def acquire(self, cost: int) -> None:
         with self._cond:
-            while (
-                self.capacity is not None
-                and self.count > 0
-                and self.in_flight + cost > self.capacity
-            ):
+            while self.capacity is not None and self.count > 0 and self.in_flight + cost > self.capacity:
                 self._cond.wait()
             self.in_flight += cost
             self.count += 1

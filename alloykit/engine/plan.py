@@ -31,7 +31,9 @@ class MergeSpec:
     preset: str | None = None
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: list[dict[str, Any]] | None = None
-    compute_dtype: torch.dtype = torch.float32
+    # None ("auto"): the promoted dtype of a tensor's inputs, as mergekit does without ``dtype``.
+    compute_dtype: torch.dtype | None = torch.float32
+    # None: the promoted dtype of a tensor's inputs (their own dtype when they agree).
     out_dtype: torch.dtype | None = None
     keys: KeyPolicy = "strict"
     include: list[str] | None = None  # regexes; tensors not matched are copied, not merged
@@ -51,6 +53,7 @@ class TensorJob:
     params: dict[str, Any]
     read_bytes: int
     cost: int  # bytes held while the job runs (planning estimate)
+    compute_dtype: torch.dtype | None = None  # inputs are cast to this before the method
 
 
 @dataclass
@@ -102,7 +105,9 @@ def _describe_missing(
     lines = []
     for r, ks in zip(readers, key_sets, strict=True):
         missing, extra = sorted(reference - ks), sorted(ks - reference)
-        parts = [f"{len(v)} {what} (e.g. {v[:3]})" for v, what in ((missing, "missing"), (extra, "extra")) if v]
+        parts = [
+            f"{len(v)} {what} (e.g. {v[:3]})" for v, what in ((missing, "missing"), (extra, "extra")) if v
+        ]
         if parts:
             lines.append(f"  {r.label}: {', '.join(parts)} compared with {ref_label}")
     return "\n".join(lines)
@@ -119,8 +124,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         raise ParameterError(f"{method.name} takes at most {method.max_models} models, got {n}")
     if method.needs_base and spec.base is None:
         raise ParameterError(
-            f"{method.name} needs a base model (the model the others were "
-            "fine-tuned from): give base_model"
+            f"{method.name} needs a base model (the model the others were fine-tuned from): give base_model"
         )
     model_params = spec.model_params or [{} for _ in range(n)]
     if len(model_params) != n:
@@ -145,15 +149,12 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         dropped = set.union(*key_sets) - names
         if dropped:
             warnings.append(
-                f"{len(dropped)} tensors not held by every model are left out, "
-                f"e.g. {sorted(dropped)[:3]}"
+                f"{len(dropped)} tensors not held by every model are left out, e.g. {sorted(dropped)[:3]}"
             )
     elif spec.keys == "union":
         names = set.union(*key_sets)
     else:
-        raise ParameterError(
-            f"keys={spec.keys!r} is not allowed; expected strict, union or intersection"
-        )
+        raise ParameterError(f"keys={spec.keys!r} is not allowed; expected strict, union or intersection")
     ordered = sorted(names, key=_natural_key)
     depth = _layer_position(ordered)
 
@@ -176,15 +177,16 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         wanted = (not include or any(p.search(name) for p in include)) and not any(
             p.search(name) for p in exclude
         )
-        merge = (
-            floating and wanted and bool(sources) and (not method.needs_base or base_index in metas)
-        )
+        merge = floating and wanted and bool(sources) and (not method.needs_base or base_index in metas)
         if floating and wanted and sources and not merge:
-            warnings.append(
-                f"{name}: not in the base model, copied from {readers[sources[0]].label}"
-            )
-        out_dtype = spec.out_dtype if (spec.out_dtype is not None and floating) else src_meta.dtype
+            warnings.append(f"{name}: not in the base model, copied from {readers[sources[0]].label}")
+        promoted = src_meta.dtype
+        if floating:
+            for m in metas.values():
+                promoted = torch.promote_types(promoted, m.dtype)
+        out_dtype = spec.out_dtype if (spec.out_dtype is not None and floating) else promoted
         out = TensorMeta(name, src_meta.shape, out_dtype)
+        compute = spec.compute_dtype or promoted
         if merge:
             params = method.resolve(
                 len(sources),
@@ -196,13 +198,13 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             )
             read = sum(metas[i].nbytes for i in holders)
             k = len(sources)
-            work = src_meta.numel * (spec.compute_dtype or src_meta.dtype).itemsize
+            work = src_meta.numel * compute.itemsize
             cost = read + (k + 1) * work + int(method.memory_factor * k * work) + out.nbytes
         else:
             params = {}
             read = src_meta.nbytes
             cost = read + out.nbytes
         copy_from = base_index if base_index in metas else holders[0]
-        jobs.append(TensorJob(name, out, sources, merge, copy_from, params, read, cost))
+        jobs.append(TensorJob(name, out, sources, merge, copy_from, params, read, cost, compute))
     passes = method.reduction.passes(global_resolved) if method.reduction else 0
     return MergePlan(spec, jobs, passes, global_resolved, warnings)

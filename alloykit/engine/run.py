@@ -63,7 +63,7 @@ def _read(plan: MergePlan, index: int, name: str, dtype: torch.dtype | None) -> 
 
 def _inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     spec = plan.spec
-    dtype = spec.compute_dtype
+    dtype = job.compute_dtype
     tensors = [_read(plan, i, job.name, dtype) for i in job.sources]
     base = _read(plan, len(spec.models), job.name, dtype) if spec.base is not None else None
     return tensors, base
@@ -102,9 +102,7 @@ def run_plan(
                 return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
 
             acc = None
-            for i, partial in enumerate(
-                executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))
-            ):
+            for i, partial in enumerate(executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))):
                 acc = method.reduction.fold(p, acc, partial)
                 if progress:
                     progress(f"pass {p + 1}/{plan.reduction_passes}", i + 1, len(merged_jobs))
@@ -133,9 +131,7 @@ def run_plan(
                 float(b.square().sum()),
             )
 
-        for i, (deltas, base_sq) in enumerate(
-            executor.run(merge_one, ((j, j.cost) for j in plan.jobs))
-        ):
+        for i, (deltas, base_sq) in enumerate(executor.run(merge_one, ((j, j.cost) for j in plan.jobs))):
             if progress:
                 progress("merge", i + 1, len(plan.jobs))
             sq_base[0] += base_sq

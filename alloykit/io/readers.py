@@ -97,8 +97,7 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(
-                    f"{self.path}: corrupt safetensors header (declares {n} header bytes, "
-                    f"file has {size})"
+                    f"{self.path}: corrupt safetensors header (declares {n} header bytes, file has {size})"
                 )
             raw = f.read(n)
         try:
@@ -122,9 +121,7 @@ class SafetensorsFile:
                     f"{self.path}: tensor {name!r} has an unknown dtype or a malformed entry ({e})"
                 ) from None
             except (TypeError, ValueError):
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has a malformed entry"
-                ) from None
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed entry") from None
             meta = TensorMeta(name, shape, dtype)
             if end - begin != meta.nbytes or begin < 0:
                 raise CheckpointError(
@@ -185,8 +182,7 @@ class SafetensorsReader:
             for k in f.keys():
                 if k in self._where:
                     raise CheckpointError(
-                        f"{label}: tensor {k!r} appears in both {self._where[k].path.name} "
-                        f"and {f.path.name}"
+                        f"{label}: tensor {k!r} appears in both {self._where[k].path.name} and {f.path.name}"
                     )
                 self._where[k] = f
 
@@ -203,8 +199,7 @@ class SafetensorsReader:
         return {
             "format": "safetensors",
             "files": [
-                {"name": f.path.name, "bytes": f.size, "header_sha256": f.header_sha256}
-                for f in self._files
+                {"name": f.path.name, "bytes": f.size, "header_sha256": f.header_sha256} for f in self._files
             ],
         }
 
@@ -233,9 +228,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(
-            f"{path}: entries that are not tensors: {bad[:5]}; expected a flat state dict"
-        )
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}; expected a flat state dict")
     return dict(obj)
 
 
@@ -310,9 +303,7 @@ def open_checkpoint(source: object, label: str | None = None) -> CheckpointReade
     if isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise CheckpointError(
-                f"{label or 'state dict'}: entries that are not tensors: {bad[:5]}"
-            )
+            raise CheckpointError(f"{label or 'state dict'}: entries that are not tensors: {bad[:5]}")
         return TensorDictReader(source, label or "state_dict")
     if not isinstance(source, str | os.PathLike):
         raise CheckpointError(

@@ -130,9 +130,7 @@ class StreamingWriter:
                 f"output folder {self.out_dir} exists; choose another or pass force=True (--force)"
             )
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = (
-            self.out_dir.parent / f".{self.out_dir.name}.alloykit-tmp-{uuid.uuid4().hex[:8]}"
-        )
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.alloykit-tmp-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
         self._lock = threading.Lock()
         self._written: set[str] = set()
@@ -183,9 +181,7 @@ class StreamingWriter:
     def write_text(self, relative: str, text: str) -> None:
         (self.tmp_dir / relative).write_text(text)
 
-    def copy_companions(
-        self, folder: Path | None, out_dtype: torch.dtype | None = None
-    ) -> list[str]:
+    def copy_companions(self, folder: Path | None, out_dtype: torch.dtype | None = None) -> list[str]:
         """Copy config/tokenizer/generation files from ``folder``; record the output dtype."""
         copied: list[str] = []
         if folder is None:

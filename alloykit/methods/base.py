@@ -31,6 +31,7 @@ import torch
 from alloykit.errors import ParameterError
 
 REQUIRED: Any = object()
+NO_MATCH: Any = object()
 
 
 @dataclass(frozen=True)
@@ -205,29 +206,28 @@ class MergeMethod:
         out: dict[str, Any] = {}
         for p in self.params:
             where = f"{self.name}" + (f" (tensor {tensor_name!r})" if tensor_name else "")
-
-            def pick(setting: Any, _p: Param = p, _where: str = where) -> Any:
-                value = evaluate_setting(setting, tensor_name, layer_t)
-                return _p.validate(value, _where)
-
-            fallback = preset_values.get(p.name, p.default)
-            if p.name in global_params:
-                fallback = global_params[p.name]
+            # Highest precedence first; a condition list that matches nothing falls through
+            # to the next level (mergekit's rule).
+            shared = [src[p.name] for src in (global_params, preset_values) if p.name in src]
             if p.per_model:
                 values = []
                 for i, mp in enumerate(model_params):
-                    setting = mp.get(p.name, fallback)
-                    if setting is REQUIRED:
-                        raise ParameterError(
-                            f"{where}: parameter {p.name!r} is required for model {i}"
-                        )
-                    values.append(pick(setting, _where=f"{where}, model {i}"))
+                    chain = ([mp[p.name]] if p.name in mp else []) + shared
+                    values.append(self._pick(p, chain, tensor_name, layer_t, f"{where}, model {i}"))
                 out[p.py_name] = values
             else:
-                if fallback is REQUIRED:
-                    raise ParameterError(f"{where}: parameter {p.name!r} is required")
-                out[p.py_name] = pick(fallback)
+                out[p.py_name] = self._pick(p, shared, tensor_name, layer_t, where)
         return out
+
+    @staticmethod
+    def _pick(p: Param, chain: list[Any], tensor_name: str, t: float, where: str) -> Any:
+        for setting in chain:
+            value = evaluate_setting(setting, tensor_name, t)
+            if value is not NO_MATCH:
+                return p.validate(value, where)
+        if p.default is REQUIRED:
+            raise ParameterError(f"{where}: parameter {p.name!r} is required")
+        return p.default
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -238,7 +238,8 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
       (mergekit's rule: ``t = layer / (layers − 1)``; tensors outside layers use ``t = 0``);
     * a list of ``{filter: ..., value: ...}``: the first whose filter matches wins. A filter is a
       substring of the tensor name (mergekit's rule), ``re:PATTERN`` for a regular expression
-      searched in the name, or absent / ``"*"`` for "any tensor".
+      searched in the name, or absent / ``"*"`` for "any tensor". When none matches, the
+      result is ``NO_MATCH`` and the caller falls back to the next, less specific setting.
     """
     if isinstance(setting, dict):
         setting = [setting]
@@ -261,16 +262,10 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
                 if (
                     flt is None
                     or flt == "*"
-                    or (
-                        re.search(flt[3:], tensor_name)
-                        if flt.startswith("re:")
-                        else flt in tensor_name
-                    )
+                    or (re.search(flt[3:], tensor_name) if flt.startswith("re:") else flt in tensor_name)
                 ):
                     return evaluate_setting(cond["value"], tensor_name, t)
-            raise ParameterError(
-                f"no condition matches tensor {tensor_name!r} and no default is given"
-            )
+            return NO_MATCH
         raise ParameterError(f"cannot read parameter value {setting!r}")
     return setting
 

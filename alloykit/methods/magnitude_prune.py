@@ -76,9 +76,7 @@ def magnitude_prune(
     """
     raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
     w = stack_weights(weight, raw)
-    mixed = elect_and_combine(
-        raw * w, w, consensus=None, aggregate="weighted_mean" if normalize else "sum"
-    )
+    mixed = elect_and_combine(raw * w, w, consensus=None, aggregate="weighted_mean" if normalize else "sum")
     if lambda_ != 1:
         mixed *= lambda_
     return base + mixed

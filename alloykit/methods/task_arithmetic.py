@@ -39,9 +39,7 @@ def task_arithmetic(
     deltas = torch.stack([x - base for x in tensors])
     w = stack_weights(weight, deltas)
     deltas.mul_(w)
-    mixed = elect_and_combine(
-        deltas, w, consensus=None, aggregate="weighted_mean" if normalize else "sum"
-    )
+    mixed = elect_and_combine(deltas, w, consensus=None, aggregate="weighted_mean" if normalize else "sum")
     if lambda_ != 1:
         mixed *= lambda_
     return base + mixed

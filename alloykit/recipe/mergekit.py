@@ -87,8 +87,7 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     for key in ("slices", "modules"):
         if key in data:
             raise RecipeError(
-                f"mergekit recipe: '{key}:' (layer-range merges) is not supported "
-                "yet; use 'models:'"
+                f"mergekit recipe: '{key}:' (layer-range merges) is not supported yet; use 'models:'"
             )
     if data.get("tokenizer") is not None or data.get("chat_template") is not None:
         raise RecipeError(
@@ -103,23 +102,20 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         )
     name = data["merge_method"]
     if name not in METHODS:
-        raise RecipeError(
-            f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}"
-        )
+        raise RecipeError(f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}")
     method, preset = METHODS[name]
     base = _local(data["base_model"], "base_model") if data.get("base_model") else None
     models = []
     for entry in data.get("models") or []:
         if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(
-                f"mergekit recipe: each entry of models needs 'model:', got {entry!r}"
-            )
+            raise RecipeError(f"mergekit recipe: each entry of models needs 'model:', got {entry!r}")
         ref = _local(entry["model"], "models")
         if base is not None and ref == base and method != "linear":
             continue  # mergekit lists the base among the models; task-vector methods skip it
-        models.append(
-            {"model": ref, "parameters": _translate_params(entry.get("parameters") or {}, name)}
-        )
+        models.append({"model": ref, "parameters": _translate_params(entry.get("parameters") or {}, name)})
+    if method == "linear" and base is not None and base not in [m["model"] for m in models]:
+        # mergekit adds a base that is not listed as one more input of a linear merge.
+        models.append({"model": base, "parameters": {}})
     dtype = data.get("dtype") or "auto"
     return {
         "method": method,
