@@ -101,7 +101,7 @@ def merge(
     max_memory: str | int | None = None,
     shard_size: str | int = "5GB",
     force: bool = False,
-    copy_files_from: Source | None = None,
+    copy_files_from: str | os.PathLike | None = None,
     check_finite: bool = True,
     base_check: float | None = 0.5,
     recipe: Mapping[str, Any] | None = None,
@@ -146,10 +146,11 @@ def merge(
     metas = [j.out for j in plan.jobs]
     with StreamingWriter(output, metas, parse_size(shard_size), force=force) as writer:
         result.report = run_plan(plan, writer, workers=workers, max_bytes=max_bytes, progress=progress)
-        companion = spec.base if spec.base is not None else spec.models[0]
+        companion = (spec.base if spec.base is not None else spec.models[0]).folder
         if copy_files_from is not None:
-            companion = open_checkpoint(copy_files_from)
-        writer.copy_companions(companion.folder, spec.out_dtype)
+            companion = Path(copy_files_from)
+            companion = companion.parent if companion.is_file() else companion
+        writer.copy_companions(companion, spec.out_dtype)
         result.provenance = provenance(plan, result.report, started, recipe)
         writer.write_text(
             "alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n"

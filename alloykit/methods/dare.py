@@ -6,7 +6,10 @@ import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
+    LAMBDA,
+    WEIGHT,
     bernoulli_mask,
+    density_param,
     elect_and_combine,
     rescale_l1,
     stack_weights,
@@ -20,17 +23,9 @@ MERGEKIT_TIES = {**MERGEKIT, "combine": "ties", "sign": "weighted_sum"}
 @merge_method(
     "dare",
     params=[
-        Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t"),
-        Param(
-            "density",
-            float,
-            0.1,
-            per_model=True,
-            ge=0.0,
-            le=1.0,
-            help="keep probability 1 − p of each entry (paper: p = 0.9)",
-        ),
-        Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
+        WEIGHT,
+        density_param(0.1, "keep probability 1 − p of each entry (paper: p = 0.9)"),
+        LAMBDA,
         Param(
             "rescale",
             str,

@@ -6,7 +6,10 @@ import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
+    LAMBDA,
+    WEIGHT,
     ModelTopK,
+    density_param,
     elect_and_combine,
     stack_weights,
     trim_task_vectors,
@@ -16,17 +19,9 @@ from alloykit.methods.primitives import (
 @merge_method(
     "magnitude_prune",
     params=[
-        Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t"),
-        Param(
-            "density",
-            float,
-            0.2,
-            per_model=True,
-            ge=0.0,
-            le=1.0,
-            help="fraction of entries of each task vector kept",
-        ),
-        Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
+        WEIGHT,
+        density_param(0.2, "fraction of entries of each task vector kept"),
+        LAMBDA,
         Param(
             "topk",
             str,

@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from alloykit.methods.base import TensorContext
+from alloykit.methods.base import Param, TensorContext
+
+# Parameters every task-vector method declares the same way.
+WEIGHT = Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t")
+LAMBDA = Param("lambda", float, 1.0, help="λ, scales the merged task vector")
+
+
+def density_param(default: float, help: str) -> Param:
+    return Param("density", float, default, per_model=True, ge=0.0, le=1.0, help=help)
+
 
 # ----------------------------------------------------------------------------- trimming
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
-from alloykit.methods.primitives import elect_and_combine, stack_weights
+from alloykit.methods.primitives import LAMBDA, WEIGHT, elect_and_combine, stack_weights
 
 
 @merge_method(
     "task_arithmetic",
     params=[
-        Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t"),
-        Param("lambda", float, 1.0, help="λ, scales the summed task vector"),
+        WEIGHT,
+        LAMBDA,
         Param("normalize", bool, False, help="divide the sum by Σ w_t"),
     ],
     needs_base=True,

@@ -8,7 +8,10 @@ import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
+    LAMBDA,
+    WEIGHT,
     ModelTopK,
+    density_param,
     elect_and_combine,
     stack_weights,
     trim_task_vectors,
@@ -51,17 +54,9 @@ MERGEKIT = {
 @merge_method(
     "ties",
     params=[
-        Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t"),
-        Param(
-            "density",
-            float,
-            0.2,
-            per_model=True,
-            ge=0.0,
-            le=1.0,
-            help="fraction of entries of each task vector kept (paper: top 20 %)",
-        ),
-        Param("lambda", float, 1.0, help="λ, scales the merged task vector"),
+        WEIGHT,
+        density_param(0.2, "fraction of entries of each task vector kept (paper: top 20 %)"),
+        LAMBDA,
         Param(
             "topk",
             str,
