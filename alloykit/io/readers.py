@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class SafetensorsFile:
                 )
             self._entries[name] = (meta, begin, end)
         self._fd: int | None = None
+        self._open_lock = threading.Lock()
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -145,7 +147,9 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         meta, begin, end = self._entries[name]
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with self._open_lock:  # workers share one descriptor; pread keeps no file offset
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         buf = bytearray(end - begin)
         view = memoryview(buf)
         done = 0
