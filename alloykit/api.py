@@ -51,6 +51,7 @@ def build_spec(
     exclude: Sequence[str] | None = None,
     check_finite: bool = True,
     base_check: float | None = 0.5,
+    chunk_elements: int = 1 << 20,
 ) -> MergeSpec:
     m = get_method(method)
     readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
@@ -79,6 +80,7 @@ def build_spec(
         seed=seed,
         check_finite=check_finite,
         base_check=base_check,
+        chunk_elements=chunk_elements,
     )
 
 
@@ -104,6 +106,7 @@ def merge(
     copy_files_from: str | os.PathLike | None = None,
     check_finite: bool = True,
     base_check: float | None = 0.5,
+    chunk_elements: int = 1 << 20,
     recipe: Mapping[str, Any] | None = None,
     dry_run: bool = False,
     progress: Any = None,
@@ -114,6 +117,7 @@ def merge(
     base's config and tokenizer files, ``alloykit_recipe.yml`` and ``alloykit_provenance.json``);
     without it the merged state dict is returned in ``MergeResult.state_dict``.
     ``dry_run`` plans and validates everything without reading tensor data.
+    ``chunk_elements``: elementwise merges stream each tensor in slices of this many elements.
     """
     spec = build_spec(
         models,
@@ -130,6 +134,7 @@ def merge(
         exclude=exclude,
         check_finite=check_finite,
         base_check=base_check,
+        chunk_elements=chunk_elements,
     )
     plan = plan_merge(spec)
     result = MergeResult(plan=plan)
@@ -138,13 +143,12 @@ def merge(
     max_bytes = parse_size(max_memory) if max_memory is not None else None
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     if output is None:
-        sink = DictSink()
+        sink = DictSink(plan.outputs)
         result.report = run_plan(plan, sink, workers=workers, max_bytes=max_bytes, progress=progress)
         result.state_dict = sink.tensors
         result.provenance = provenance(plan, result.report, started, recipe)
         return result
-    metas = [j.out for j in plan.jobs]
-    with StreamingWriter(output, metas, parse_size(shard_size), force=force) as writer:
+    with StreamingWriter(output, plan.outputs, parse_size(shard_size), force=force) as writer:
         result.report = run_plan(plan, writer, workers=workers, max_bytes=max_bytes, progress=progress)
         companion = (spec.base if spec.base is not None else spec.models[0]).folder
         if copy_files_from is not None:

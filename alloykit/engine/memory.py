@@ -65,3 +65,29 @@ class ByteBudget:
             self.in_flight -= cost
             self.count -= 1
             self._cond.notify_all()
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator(max_reused_bytes: int = 256 << 20) -> bool:
+    """Let glibc reuse freed blocks below ``max_reused_bytes`` instead of returning them to the
+    kernel: a merge allocates and frees the same few slice-sized buffers millions of times,
+    and with glibc's defaults each one is a fresh ``mmap`` whose pages fault in one by one —
+    measured at 3× the arithmetic itself. Larger blocks are still mapped and unmapped, so the
+    resident set stays bounded by the largest working set below the threshold. Process-wide;
+    a no-op off glibc. Returns whether it took effect."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, max_reused_bytes) == 1
+        ok = ok and libc.mallopt(m_trim_threshold, 2 * max_reused_bytes) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok

@@ -41,6 +41,9 @@ class MergeSpec:
     seed: int = 0
     check_finite: bool = True
     base_check: float | None = 0.5  # max ‖θ_t − θ_0‖ / ‖θ_0‖ over the model
+    # Elementwise merges run on slices of this many elements (a fixed constant: DARE's random
+    # masks are drawn per slice, so the slicing is part of the result).
+    chunk_elements: int = 1 << 20
 
 
 @dataclass
@@ -54,6 +57,10 @@ class TensorJob:
     read_bytes: int
     cost: int  # bytes held while the job runs (planning estimate)
     compute_dtype: torch.dtype | None = None  # inputs are cast to this before the method
+    # A slice of the flattened tensor (elementwise methods are streamed in chunks so that no
+    # job holds a whole embedding); ``length=None`` means the whole tensor.
+    start: int = 0
+    length: int | None = None
 
 
 @dataclass
@@ -65,8 +72,17 @@ class MergePlan:
     warnings: list[str]
 
     @property
+    def outputs(self) -> list[TensorMeta]:
+        """The output tensors, once each, in plan order."""
+        return list({j.name: j.out for j in self.jobs}.values())
+
+    @property
+    def merged_names(self) -> set[str]:
+        return {j.name for j in self.jobs if j.merge}
+
+    @property
     def write_bytes(self) -> int:
-        return sum(j.out.nbytes for j in self.jobs)
+        return sum(m.nbytes for m in self.outputs)
 
     @property
     def read_bytes(self) -> int:
@@ -187,6 +203,8 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         out_dtype = spec.out_dtype if (spec.out_dtype is not None and floating) else promoted
         out = TensorMeta(name, src_meta.shape, out_dtype)
         compute = spec.compute_dtype or promoted
+        copy_from = base_index if base_index in metas else holders[0]
+        numel = src_meta.numel
         if merge:
             params = method.resolve(
                 len(sources),
@@ -196,15 +214,34 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                 name,
                 depth[name],
             )
-            read = sum(metas[i].nbytes for i in holders)
+            readers_used = len(holders)
             k = len(sources)
-            work = src_meta.numel * compute.itemsize
-            cost = read + (k + 1) * work + int(method.memory_factor * k * work) + out.nbytes
+            per_elem = (k + 1) * compute.itemsize * (1 + method.memory_factor)
+            split = method.is_elementwise(params)
         else:
             params = {}
-            read = src_meta.nbytes
-            cost = read + out.nbytes
-        copy_from = base_index if base_index in metas else holders[0]
-        jobs.append(TensorJob(name, out, sources, merge, copy_from, params, read, cost, compute))
+            readers_used = 1
+            per_elem = 0
+            split = True  # a copy is elementwise
+        per_elem += readers_used * src_meta.dtype.itemsize + out_dtype.itemsize
+        step = spec.chunk_elements if split and spec.chunk_elements else max(numel, 1)
+        for start in range(0, max(numel, 1), step):
+            length = min(step, numel - start) if numel else 0
+            whole = length == numel
+            jobs.append(
+                TensorJob(
+                    name,
+                    out,
+                    sources,
+                    merge,
+                    copy_from,
+                    params,
+                    read_bytes=readers_used * length * src_meta.dtype.itemsize,
+                    cost=per_elem * length,
+                    compute_dtype=compute,
+                    start=start,
+                    length=None if whole else length,
+                )
+            )
     passes = method.reduction.passes(global_resolved) if method.reduction else 0
     return MergePlan(spec, jobs, passes, global_resolved, warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,24 +12,33 @@ from typing import Any, Protocol
 import torch
 
 from alloykit.engine.executor import make_executor
-from alloykit.engine.memory import PeakRSS
+from alloykit.engine.memory import PeakRSS, tune_allocator
 from alloykit.engine.plan import MergePlan, TensorJob
 from alloykit.errors import MismatchError, NonFiniteError
 from alloykit.methods.base import TensorContext
 
 
 class Sink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None: ...
 
 
 class DictSink:
     """Collects the merged tensors in memory (the in-memory API)."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: list | None = None) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._meta = {m.name: m for m in outputs or []}
+        self._lock = threading.Lock()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.tensors[name] = tensor
+    def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None:
+        if start is None:
+            self.tensors[name] = tensor
+            return
+        meta = self._meta[name]
+        with self._lock:
+            if name not in self.tensors:
+                self.tensors[name] = torch.empty(meta.shape, dtype=meta.dtype)
+        self.tensors[name].view(-1)[start : start + tensor.numel()] = tensor
 
 
 @dataclass
@@ -48,25 +58,43 @@ class MergeReport:
         return dict(self.__dict__)
 
 
-def _read(plan: MergePlan, index: int, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+def _all_finite(t: torch.Tensor) -> bool:
+    # NaN and ±Inf make the float64 sum non-finite; only when it is do we look entry by entry.
+    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
+def _read(
+    plan: MergePlan, index: int, job: TensorJob, dtype: torch.dtype | None, check: bool = True
+) -> torch.Tensor:
+    """One input of a job (the whole tensor, or its slice), checked finite, in ``dtype``."""
     spec = plan.spec
     reader = spec.base if index == len(spec.models) else spec.models[index]
-    t = reader.read(name)
-    if spec.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if job.length is None:
+        t = reader.read(job.name)
+    else:
+        t = reader.read_range(job.name, job.start, job.length)
+    if check and spec.check_finite and t.is_floating_point() and not _all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
+        where = "" if job.length is None else f" (elements {job.start}..{job.start + job.length})"
         raise NonFiniteError(
-            f"{reader.label}: tensor {name!r} holds {bad} NaN/Inf values; "
+            f"{reader.label}: tensor {job.name!r}{where} holds {bad} NaN/Inf values; "
             "refusing to merge it (pass check_finite=False / --allow-nonfinite)"
         )
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def _inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _inputs(
+    plan: MergePlan, job: TensorJob, check: bool = True
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     spec = plan.spec
     dtype = job.compute_dtype
-    tensors = [_read(plan, i, job.name, dtype) for i in job.sources]
-    base = _read(plan, len(spec.models), job.name, dtype) if spec.base is not None else None
+    tensors = [_read(plan, i, job, dtype, check) for i in job.sources]
+    base = _read(plan, len(spec.models), job, dtype, check) if spec.base is not None else None
     return tensors, base
+
+
+def _context(spec: Any, job: TensorJob, state: Any) -> TensorContext:
+    return TensorContext(job.name, spec.seed, state, offset=job.start)
 
 
 def run_plan(
@@ -80,10 +108,11 @@ def run_plan(
     """Execute ``plan`` into ``sink``; returns timings, bytes and the measured peak RSS."""
     spec = plan.spec
     method = spec.method
+    tune_allocator()
     executor = make_executor(workers, max_bytes)
     report = MergeReport(
-        tensors=len(plan.jobs),
-        merged=sum(j.merge for j in plan.jobs),
+        tensors=len(plan.outputs),
+        merged=len(plan.merged_names),
         reduction_passes=plan.reduction_passes,
         workers=getattr(executor, "workers", 1),
     )
@@ -97,8 +126,8 @@ def run_plan(
         for p in range(plan.reduction_passes):
 
             def reduce_one(job: TensorJob, _p: int = p, _state: Any = state) -> Any:
-                tensors, base = _inputs(plan, job)
-                ctx = TensorContext(job.name, spec.seed, _state)
+                tensors, base = _inputs(plan, job, check=_p == 0)  # inputs are checked once
+                ctx = _context(spec, job, _state)
                 return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
 
             acc = None
@@ -110,19 +139,20 @@ def run_plan(
             report.bytes_read += sum(j.read_bytes for j in merged_jobs)
 
         def merge_one(job: TensorJob) -> tuple[list[float], float]:
+            start = None if job.length is None else job.start
             if not job.merge:
-                t = _read(plan, job.copy_from, job.name, None)
-                sink.write(job.name, t.to(job.out.dtype))
+                t = _read(plan, job.copy_from, job, None)
+                sink.write(job.name, t.to(job.out.dtype), start)
                 return [], 0.0
-            tensors, base = _inputs(plan, job)
-            ctx = TensorContext(job.name, spec.seed, state)
-            merged = method.fn(tensors, base, ctx, **job.params)
-            if tuple(merged.shape) != job.out.shape:
+            tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0)
+            merged = method.fn(tensors, base, _context(spec, job, state), **job.params)
+            expected = job.out.shape if job.length is None else (job.length,)
+            if tuple(merged.shape) != expected:
                 raise RuntimeError(
                     f"{method.name} returned shape {list(merged.shape)} for "
-                    f"{job.name!r}, expected {list(job.out.shape)}"
+                    f"{job.name!r}, expected {list(expected)}"
                 )
-            sink.write(job.name, merged.to(job.out.dtype))
+            sink.write(job.name, merged.to(job.out.dtype), start)
             if base is None:
                 return [], 0.0
             b = base.float()

@@ -74,6 +74,10 @@ class CheckpointReader(Protocol):
     def keys(self) -> list[str]: ...
     def meta(self, name: str) -> TensorMeta: ...
     def read(self, name: str) -> torch.Tensor: ...
+    def read_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        """Elements ``start .. start+length`` of the flattened tensor, as a 1-D tensor."""
+        ...
+
     def fingerprint(self) -> dict: ...
 
 
@@ -145,7 +149,13 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def read(self, name: str) -> torch.Tensor:
-        meta, begin, end = self._entries[name]
+        meta = self._entries[name][0]
+        return self.read_range(name, 0, meta.numel).reshape(meta.shape)
+
+    def read_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        meta, begin, _ = self._entries[name]
+        item = meta.dtype.itemsize
+        begin, end = begin + start * item, begin + (start + length) * item
         if self._fd is None:
             with self._open_lock:  # workers share one descriptor; pread keeps no file offset
                 if self._fd is None:
@@ -159,8 +169,8 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: file ended while reading {name!r}")
             done += got
         if not buf:
-            return torch.empty(meta.shape, dtype=meta.dtype)
-        return torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape)
+            return torch.empty(0, dtype=meta.dtype)
+        return torch.frombuffer(buf, dtype=meta.dtype)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -198,6 +208,9 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def read_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        return self._where[name].read_range(name, start, length)
 
     def fingerprint(self) -> dict:
         return {
@@ -260,6 +273,9 @@ class TensorDictReader:
 
     def read(self, name: str) -> torch.Tensor:
         return self._t[name]
+
+    def read_range(self, name: str, start: int, length: int) -> torch.Tensor:
+        return self._t[name].reshape(-1)[start : start + length]
 
     def fingerprint(self) -> dict:
         return self._fp

@@ -133,7 +133,7 @@ class StreamingWriter:
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.alloykit-tmp-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
         self._lock = threading.Lock()
-        self._written: set[str] = set()
+        self._written: dict[str, int] = {}  # elements written per tensor
         self._fds: dict[str, int] = {}
         self._slots: dict[str, _Slot] = {}
         self.weight_map: dict[str, str] = {}
@@ -160,22 +160,31 @@ class StreamingWriter:
         self._committed = False
 
     # -- tensors -----------------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (any thread). Shape and dtype must match the plan."""
+    def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None:
+        """Write one planned tensor (any thread), or with ``start`` a slice of its flattened
+        elements beginning there. Shape (whole writes) and dtype must match the plan."""
         slot = self._slots[name]
-        if tuple(tensor.shape) != slot.meta.shape or tensor.dtype != slot.meta.dtype:
+        meta = slot.meta
+        whole = start is None
+        start = start or 0
+        if (
+            tensor.dtype != meta.dtype
+            or (whole and tuple(tensor.shape) != meta.shape)
+            or (start + tensor.numel() > meta.numel)
+        ):
             raise RuntimeError(
-                f"tensor {name!r}: got {tensor.dtype}{list(tensor.shape)}, planned "
-                f"{slot.meta.dtype}{list(slot.meta.shape)}"
+                f"tensor {name!r}: got {tensor.dtype}{list(tensor.shape)}"
+                f"{'' if whole else f' at element {start}'}, planned {meta.dtype}{list(meta.shape)}"
             )
         if tensor.numel():
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             view = memoryview(data)
+            base = slot.offset + start * meta.dtype.itemsize
             done = 0
             while done < len(view):
-                done += os.pwrite(self._fds[slot.file], view[done:], slot.offset + done)
+                done += os.pwrite(self._fds[slot.file], view[done:], base + done)
         with self._lock:
-            self._written.add(name)
+            self._written[name] = self._written.get(name, 0) + tensor.numel()
 
     # -- companions --------------------------------------------------------------------------
     def write_text(self, relative: str, text: str) -> None:
@@ -204,7 +213,7 @@ class StreamingWriter:
 
     # -- end ---------------------------------------------------------------------------------
     def commit(self) -> Path:
-        missing = set(self._slots) - self._written
+        missing = {n for n, s in self._slots.items() if self._written.get(n, -1) < s.meta.numel}
         if missing:
             raise RuntimeError(
                 f"refusing to commit: {len(missing)} planned tensors were not "

@@ -105,11 +105,13 @@ class TensorContext:
     name: str
     seed: int = 0
     stats: Any = None
+    offset: int = 0  # where the tensors start in the flattened parameter, when given a slice
 
     def generator(self, stream: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, tensor name, stream): the same numbers whatever order
-        or worker the tensor is merged in, so 1 and N workers give identical bytes."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{stream}".encode()).digest()
+        """A CPU generator seeded by (seed, tensor name, stream, slice offset): the same numbers
+        whatever order or worker the tensor is merged in, so 1 and N workers give identical
+        bytes."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{stream}\0{self.offset}".encode()).digest()
         g = torch.Generator()
         g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return g
@@ -148,6 +150,13 @@ class MergeMethod:
     max_models: int | None = None
     # Working float32 copies of one input tensor the method holds at once, per model (planning).
     memory_factor: float = 3.0
+    # Whether, with these parameters, each output entry depends only on the same entry of the
+    # inputs (so the engine may stream the tensor in slices). True, False, or a function of the
+    # resolved parameters.
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+
+    def is_elementwise(self, params: dict[str, Any]) -> bool:
+        return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
 
     @property
     def summary(self) -> str:
@@ -284,6 +293,7 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     memory_factor: float = 3.0,
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -301,11 +311,11 @@ def merge_method(
             min_models,
             max_models,
             memory_factor,
+            elementwise,
         )
-        for pname, values in m.presets.items():
+        for values in m.presets.values():
             for k in values:
                 m.param(k)  # a preset may only set declared parameters
-            del pname
         REGISTRY[name] = m
         return m
 

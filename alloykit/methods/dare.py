@@ -59,6 +59,8 @@ MERGEKIT_TIES = {**MERGEKIT, "combine": "ties", "sign": "weighted_sum"}
     presets={"paper": PAPER, "mergekit": MERGEKIT, "mergekit_ties": MERGEKIT_TIES},
     default_preset="paper",
     memory_factor=4.0,
+    # The L1 rescale needs whole-tensor norms; masks are drawn per slice (ctx.offset).
+    elementwise=lambda p: all(d >= 1 for d in p["density"]) or p["rescale"] != "l1",
 )
 def dare(
     tensors: list[torch.Tensor],

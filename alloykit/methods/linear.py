@@ -18,6 +18,7 @@ from alloykit.methods.base import Param, TensorContext, merge_method
     presets={"paper": {}, "mergekit": {}},
     default_preset="paper",
     memory_factor=1.0,
+    elementwise=True,
 )
 def linear(
     tensors: list[torch.Tensor],

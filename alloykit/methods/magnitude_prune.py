@@ -13,6 +13,7 @@ from alloykit.methods.primitives import (
     elect_and_combine,
     stack_weights,
     trim_task_vectors,
+    trims_elementwise,
 )
 
 
@@ -50,6 +51,7 @@ from alloykit.methods.primitives import (
     default_preset="paper",
     reduction=ModelTopK(),
     memory_factor=3.0,
+    elementwise=trims_elementwise,
 )
 def magnitude_prune(
     tensors: list[torch.Tensor],

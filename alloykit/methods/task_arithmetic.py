@@ -19,6 +19,7 @@ from alloykit.methods.primitives import LAMBDA, WEIGHT, elect_and_combine, stack
     presets={"paper": {}, "mergekit": {}},
     default_preset="paper",
     memory_factor=2.0,
+    elementwise=True,
 )
 def task_arithmetic(
     tensors: list[torch.Tensor],

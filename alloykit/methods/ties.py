@@ -15,6 +15,7 @@ from alloykit.methods.primitives import (
     elect_and_combine,
     stack_weights,
     trim_task_vectors,
+    trims_elementwise,
 )
 
 
@@ -105,6 +106,7 @@ MERGEKIT = {
     default_preset="paper",
     reduction=ModelTopK(elected_sign=_elected),
     memory_factor=4.0,
+    elementwise=trims_elementwise,
 )
 def ties(
     tensors: list[torch.Tensor],
