@@ -1,9 +1,13 @@
-"""Merge methods, one module each, registered by name on import.
+"""Merge methods, one module each, registered by name when this package is imported.
 
-Use :func:`get_method` to look one up; ``REGISTRY`` lists them all.
+Every module of this package that declares a method with ``@merge_method`` is imported here, so
+a new method is one new file. Use :func:`get_method` to look one up; ``REGISTRY`` lists them all.
+Modules whose name starts with ``_`` and the shared ``base``/``primitives`` are helpers.
 """
 
-from alloykit.methods import dare, linear, magnitude_prune, task_arithmetic, ties  # noqa: F401
+import importlib
+import pkgutil
+
 from alloykit.methods.base import (
     REGISTRY,
     MergeMethod,
@@ -14,12 +18,9 @@ from alloykit.methods.base import (
     merge_method,
 )
 
-__all__ = [
-    "REGISTRY",
-    "MergeMethod",
-    "Param",
-    "Reduction",
-    "TensorContext",
-    "get_method",
-    "merge_method",
-]
+_HELPERS = {"base", "primitives"}
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    if not _info.name.startswith("_") and _info.name not in _HELPERS:
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["REGISTRY", "MergeMethod", "Param", "Reduction", "TensorContext", "get_method", "merge_method"]
