@@ -21,8 +21,9 @@ from torch import nn
 
 D_IN, HIDDEN, CLASSES, TASKS = 32, 64, 4, 3
 
-# Each entry: (label, method, preset, global parameters). λ values are the usual ones for a
-# handful of tasks without tuning; the papers tune λ on validation data.
+# Settings shown for some methods: (label, method, preset, global parameters). λ values are the
+# usual ones for a handful of tasks without tuning; the papers tune λ on validation data. Every
+# registered method not listed here is run once with its defaults (see demo_merges()).
 DEMO_MERGES: list[tuple[str, str, str | None, dict[str, Any]]] = [
     ("linear (model soup)", "linear", None, {}),
     ("task_arithmetic λ=0.5", "task_arithmetic", None, {"lambda": 0.5}),
@@ -32,6 +33,16 @@ DEMO_MERGES: list[tuple[str, str, str | None, dict[str, Any]]] = [
     ("dare+TIES p=0.5", "dare", "paper", {"density": 0.5, "combine": "ties", "aggregate": "mean"}),
     ("magnitude_prune λ=0.5", "magnitude_prune", None, {"density": 0.2, "lambda": 0.5}),
 ]
+
+
+def demo_merges() -> list[tuple[str, str, str | None, dict[str, Any]]]:
+    """The listed settings, plus every other registered method with its defaults."""
+    from alloykit.methods import REGISTRY, get_method
+
+    get_method("linear")  # make sure the registry is filled
+    listed = {m for _, m, _, _ in DEMO_MERGES}
+    extra = [(f"{name} (defaults)", name, None, {}) for name in sorted(REGISTRY) if name not in listed]
+    return DEMO_MERGES + extra
 
 
 class MultiTaskMLP(nn.Module):
@@ -148,11 +159,15 @@ def run_demo(workdir: Path, console: Console | None = None) -> dict[str, list[fl
     rows["base (pre-trained)"] = score(_load(base))
     individual = [accuracy(_load(f), *tests[t], t) for t, f in enumerate(finetunes)]
     rows["fine-tuned, each on its own task"] = individual
-    for label, method, preset, params in DEMO_MERGES:
-        out = workdir / "merged" / label.split()[0].replace("+", "_")
+    from alloykit.methods import get_method
+
+    for i, (label, method, preset, params) in enumerate(demo_merges()):
+        m = get_method(method)
+        out = workdir / "merged" / f"{i:02d}-{method}"
+        models = finetunes[: m.max_models] if m.max_models else finetunes
         res = merge(
-            [str(f) for f in finetunes],
-            None if method == "linear" else str(base),
+            [str(f) for f in models],
+            str(base) if m.needs_base else None,
             method,
             out,
             preset=preset,

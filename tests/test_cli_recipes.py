@@ -193,13 +193,13 @@ def test_cli_inspect_json_numbers(toy):
 
 
 def test_demo_merges_beat_the_base_and_trail_the_fine_tunes(tmp_path):
-    from alloykit.demo import DEMO_MERGES, run_demo
+    from alloykit.demo import demo_merges, run_demo
 
     rows = run_demo(tmp_path / "demo")
     base, tuned = rows["base (pre-trained)"], rows["fine-tuned, each on its own task"]
     assert all(t > b + 0.2 for t, b in zip(tuned, base, strict=True))
     assert set(rows) == {"base (pre-trained)", "fine-tuned, each on its own task"} | {
-        m[0] for m in DEMO_MERGES
+        m[0] for m in demo_merges()
     }
     ta = rows["task_arithmetic λ=0.5"]
     assert sum(base) < sum(ta) < sum(tuned)
