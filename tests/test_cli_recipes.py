@@ -119,8 +119,8 @@ def test_cli_errors_are_clear_and_exit_2(toy):
         ),
         ({"method": "ties", "models": [{"model": "a"}], "keys": "all"}, r"keys: Input should be 'strict'"),
         (
-            {"merge_method": "slerp", "models": [{"model": "a"}]},
-            r"mergekit method 'slerp' is not supported yet",
+            {"merge_method": "karcher", "models": [{"model": "a"}]},
+            r"mergekit method 'karcher' is not supported yet",
         ),
         ({"merge_method": "ties", "slices": []}, r"'slices:' \(layer-range merges\) is not supported yet"),
         ({"merge_method": "ties", "models": [{"model": "a+lora"}]}, r"LoRA references \(model\+lora\)"),

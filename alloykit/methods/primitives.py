@@ -148,36 +148,61 @@ def stack_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
 _HI = 1 << 15  # float32 bit patterns of |x| have sign bit 0: the top 16 bits lie in [0, 2**15)
 
 
-def _bits(delta: torch.Tensor) -> torch.Tensor:
-    # For non-negative float32, the int32 bit pattern orders exactly like the value.
-    return delta.abs().float().contiguous().reshape(-1).view(torch.int32)
+def ties_rank(numel: int, task: int, params: dict[str, Any]) -> int | None:
+    """TIES reference code: threshold = kthvalue(d − int(d·density)); None keeps everything."""
+    return kth_threshold(numel, params["density"][task])
 
 
 class ModelTopK:
-    """Exact per-task threshold for "keep the top ``density`` of |τ_t| over the whole model".
+    """Exact per-task threshold for "keep the top of |τ_t| over the whole model".
 
-    The reference code flattens every task vector and calls ``kthvalue``; that needs the whole
+    The reference codes flatten every task vector and call ``kthvalue``; that needs the whole
     model in memory. The same value is found here in two streaming passes by radix selection on
-    float32 bit patterns: pass 0 histograms the top 16 bits of |δ| per task and finds the bucket
-    holding the k-th smallest; pass 1 histograms the low 16 bits inside that bucket. The result
-    is bit-identical to ``kthvalue`` on the concatenated vector.
+    float32 bit patterns (for non-negative floats the bit pattern orders like the value): pass 0
+    histograms the top 16 bits of |τ| per task and finds the bucket holding the k-th smallest;
+    pass 1 histograms the low 16 bits inside that bucket. The result is bit-identical to
+    ``kthvalue`` on the concatenated vector, ties included, with 2 × 65,536 counters per task.
 
-    ``deltas_of(tensors, base, params)`` gives the (T, …) task vectors the method trims, so the
-    same reduction serves any method that trims before it combines. An optional third pass sums
-    the elected signs over the model (the reference code's fallback for a zero elected sign).
+    * ``rank(numel, task, params)``: 1-based rank from the smallest of the threshold value
+      (entries with |τ| ≥ it are kept), or None to keep all; TIES's rule by default.
+    * ``active(params)``: whether the method wants the whole-model threshold at all.
+    * ``approximate(params)``: one pass only; the threshold is the lower edge of the bucket, so
+      t̃ ≤ t < t̃·(1 + 2⁻⁷) and only entries of that one bucket are kept in excess.
+    * ``l1``: also the L1 mass of each task vector and the part below the threshold
+      (``state["removed_l1"][t]`` = ‖τ_t ⊙ (|τ_t| < threshold)‖₁ / ‖τ_t‖₁), in the same passes.
+    * ``elected_sign(tensors, base, state, params)``: for methods that elect signs and want the
+      TIES reference code's model-wide fallback for a zero elected sign; adds one pass that sums
+      the elected signs over the model (``state["majority_sign"]``).
     """
 
-    def __init__(self, elected_sign: Any = None):
-        # elected_sign(tensors, base, state, params) -> elected sign before the zero fallback;
-        # given by methods that elect signs and want the reference code's model-wide fallback.
+    def __init__(
+        self,
+        elected_sign: Any = None,
+        rank: Any = ties_rank,
+        active: Any = None,
+        approximate: Any = None,
+        l1: bool = False,
+    ):
         self.elected_sign = elected_sign
+        self.rank = rank
+        self.active = active or (lambda p: p.get("topk") == "model")
+        self.approximate = approximate or (lambda p: False)
+        self.l1 = l1
 
     def _threshold_passes(self, params: dict[str, Any]) -> int:
-        return 2 if params.get("topk") == "model" else 0
+        if not self.active(params):
+            return 0
+        return 1 if self.approximate(params) else 2
 
     def passes(self, params: dict[str, Any]) -> int:
         extra = 1 if self.elected_sign and params.get("zero_sign") == "model_majority" else 0
         return self._threshold_passes(params) + extra
+
+    def _histograms(self, keys: torch.Tensor, mags: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+        out = {"count": torch.bincount(keys, minlength=size)}
+        if self.l1:
+            out["mass"] = torch.bincount(keys, weights=mags.double(), minlength=size)
+        return out
 
     def map(
         self,
@@ -188,64 +213,79 @@ class ModelTopK:
         ctx: TensorContext,
         params: dict[str, Any],
     ) -> Any:
-        deltas = [t - base for t in tensors]
-        if index < self._threshold_passes(params):
+        if index >= self._threshold_passes(params):
+            # Sign pass: the method computes the elected signs; we only add them up.
+            return self.elected_sign(tensors, base, state, params).sum().to(torch.float64)
+        rows = []
+        for t, x in enumerate(tensors):
+            mags = (x - base).abs().float().reshape(-1)
+            bits = mags.view(torch.int32)
             if index == 0:
-                return torch.stack([torch.bincount(_bits(d) >> 16, minlength=_HI) for d in deltas])
-            rows = []
-            for t, d in enumerate(deltas):
-                bucket, _ = state["bucket"][t]
-                if bucket is None:
-                    rows.append(torch.zeros(1 << 16, dtype=torch.int64))
-                    continue
-                bits = _bits(d)
-                inside = bits[(bits >> 16) == bucket] & 0xFFFF
-                rows.append(torch.bincount(inside, minlength=1 << 16))
-            return torch.stack(rows)
-        # Sign pass: the method computes the elected signs; we only add them up.
-        return self.elected_sign(tensors, base, state, params).sum().to(torch.float64)
+                rows.append(self._histograms(bits >> 16, mags, _HI))
+                continue
+            bucket = state["bucket"][t][0]
+            inside = (
+                (bits >> 16) == bucket if bucket is not None else torch.zeros_like(bits, dtype=torch.bool)
+            )
+            rows.append(self._histograms(bits[inside] & 0xFFFF, mags[inside], 1 << 16))
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     def fold(self, index: int, acc: Any, partial: Any) -> Any:
-        return partial if acc is None else acc + partial
+        if acc is None:
+            return partial
+        if isinstance(partial, dict):
+            return {k: acc[k] + partial[k] for k in acc}
+        return acc + partial
 
     def finish(self, index: int, state: Any, acc: Any, params: dict[str, Any]) -> Any:
         state = dict(state or {})
         n_thr = self._threshold_passes(params)
-        if index < n_thr:
-            densities = params["density"]
-            if acc is None:  # no tensor at all
-                state["threshold"] = [None for _ in densities]
-                return state
-            if index == 0:
-                total = int(acc[0].sum())
-                state["numel"] = total
-                buckets = []
-                for t, hist in enumerate(acc):
-                    rank = kth_threshold(total, densities[t])
-                    if rank is None:
-                        buckets.append((None, None))
-                        continue
-                    cum = torch.cumsum(hist, 0)
-                    b = int(torch.searchsorted(cum, torch.tensor(rank)))
-                    before = int(cum[b - 1]) if b > 0 else 0
-                    buckets.append((b, rank - before))
-                state["bucket"] = buckets
-            else:
-                thresholds = []
-                for t, hist in enumerate(acc):
-                    bucket, rank = state["bucket"][t]
-                    if bucket is None:
-                        thresholds.append(None)
-                        continue
-                    cum = torch.cumsum(hist, 0)
-                    low = int(torch.searchsorted(cum, torch.tensor(rank)))
-                    bits = torch.tensor([(bucket << 16) | low], dtype=torch.int32)
-                    thresholds.append(float(bits.view(torch.float32)))
-                state["threshold"] = thresholds
+        if index >= n_thr:
+            total = float(acc) if acc is not None else 0.0
+            state["majority_sign"] = 1.0 if total > 0 else (-1.0 if total < 0 else 0.0)
             return state
-        total = float(acc) if acc is not None else 0.0
-        state["majority_sign"] = 1.0 if total > 0 else (-1.0 if total < 0 else 0.0)
+        if acc is None:  # no tensor at all: nothing will be merged either
+            state.update(threshold=[], removed_l1=[])
+            return state
+        counts, masses = acc["count"], acc.get("mass")
+        if index == 0:
+            numel = int(counts[0].sum())
+            state["numel"] = numel
+            state["bucket"], state["threshold"], state["l1"], state["removed_l1"] = [], [], [], []
+            for t in range(len(counts)):
+                rank = self.rank(numel, t, params)
+                if rank is None:
+                    state["bucket"].append((None, None))
+                    state["threshold"].append(None)
+                    state["removed_l1"].append(0.0)
+                    continue
+                cum = torch.cumsum(counts[t], 0)
+                b = int(torch.searchsorted(cum, torch.tensor(rank)))
+                before = int(cum[b - 1]) if b > 0 else 0
+                state["bucket"].append((b, rank - before))
+                # Approximate threshold: the bucket's lower edge (exact ones replace it in pass 1).
+                state["threshold"].append(_bits_to_float(b << 16))
+                if masses is not None:
+                    total = float(masses[t].sum())
+                    state["l1"].append((total, float(masses[t][:b].sum())))
+                    state["removed_l1"].append(float(masses[t][:b].sum()) / total if total else 0.0)
+            return state
+        for t in range(len(counts)):
+            bucket, rank = state["bucket"][t]
+            if bucket is None:
+                continue
+            cum = torch.cumsum(counts[t], 0)
+            low = int(torch.searchsorted(cum, torch.tensor(rank)))
+            state["threshold"][t] = _bits_to_float((bucket << 16) | low)
+            if masses is not None:
+                total, below = state["l1"][t]
+                below += float(masses[t][:low].sum())  # entries < threshold are the removed ones
+                state["removed_l1"][t] = below / total if total else 0.0
         return state
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def trim_task_vectors(
