@@ -203,3 +203,30 @@ def test_demo_merges_beat_the_base_and_trail_the_fine_tunes(tmp_path):
     }
     ta = rows["task_arithmetic λ=0.5"]
     assert sum(base) < sum(ta) < sum(tuned)
+
+
+def test_cli_merges_pytorch_state_dict_files_from_a_mergekit_recipe(toy):
+    tmp = toy["tmp"]
+    paths = []
+    for name, sd in [("base.pt", toy["base"]), ("a.pt", toy["fts"][0]), ("b.bin", toy["fts"][1])]:
+        torch.save(sd, tmp / name)
+        paths.append(str(tmp / name))
+    recipe = write_recipe(
+        tmp,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": paths[0],
+            "dtype": "float32",
+            "models": [
+                {"model": paths[1], "parameters": {"weight": 0.3}},
+                {"model": paths[2], "parameters": {"weight": 0.6}},
+            ],
+        },
+        "pt.yml",
+    )
+    res = runner.invoke(app, ["merge", str(recipe), "-o", str(tmp / "out-pt")])
+    assert res.exit_code == 0, res.output
+    r = open_checkpoint(tmp / "out-pt")
+    b, f0, f1 = toy["base"], toy["fts"][0], toy["fts"][1]
+    for k in b:
+        torch.testing.assert_close(r.read(k), b[k] + 0.3 * (f0[k] - b[k]) + 0.6 * (f1[k] - b[k]))
