@@ -351,15 +351,14 @@ def test_slices_are_refused(models: dict[str, str]) -> None:
         recipe_from_dict(data)
 
 
-def test_slerp_is_refused(models: dict[str, str]) -> None:
+def test_unsupported_mergekit_method_is_refused(models: dict[str, str]) -> None:
     data = {
-        "merge_method": "slerp",
-        "base_model": models["ft_a"],
-        "models": [{"model": models["ft_a"]}, {"model": models["ft_b"]}],
-        "parameters": {"t": 0.5},
+        "merge_method": "nuslerp",
+        "models": [{"model": models["ft_a"], "parameters": {"weight": 0.5}},
+                   {"model": models["ft_b"], "parameters": {"weight": 0.5}}],
     }
-    MergeConfiguration.model_validate(copy.deepcopy(data))
-    with pytest.raises(RecipeError, match=r"slerp"):
+    MergeConfiguration.model_validate(copy.deepcopy(data))  # mergekit itself accepts it
+    with pytest.raises(RecipeError, match=r"mergekit method 'nuslerp' is not supported yet"):
         recipe_from_dict(data)
 
 

@@ -20,9 +20,25 @@ METHODS: dict[str, tuple[str, str]] = {
     "ties": ("ties", "mergekit"),
     "dare_linear": ("dare", "mergekit"),
     "dare_ties": ("dare", "mergekit_ties"),
+    "breadcrumbs": ("breadcrumbs", "mergekit"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", "mergekit"),
+    "della": ("della", "mergekit"),
+    "della_linear": ("della_linear", "mergekit"),
+    "slerp": ("slerp", "mergekit"),
+    "model_stock": ("model_stock", "mergekit"),
 }
 # mergekit's default ``normalize`` per method (its GeneralizedTaskArithmeticMerge table).
-_NORMALIZE_DEFAULT = {"ties": True, "dare_ties": False, "dare_linear": False}
+_NORMALIZE_DEFAULT = {
+    "ties": True,
+    "dare_ties": False,
+    "dare_linear": False,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": False,
+}
+# Methods whose ``rescale: true/false`` is alloykit's ``rescale: l1/none``.
+_RESCALE_L1 = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 _TOP_LEVEL = {
     "merge_method",
     "models",
@@ -55,8 +71,11 @@ def _translate_params(params: dict[str, Any], method: str) -> dict[str, Any]:
             continue  # only changes the mask's dtype in mergekit, not the result
         if key == "normalize" and method in _NORMALIZE_DEFAULT:
             out["aggregate"] = _bool_to(value, "weighted_mean", "sum", key)
-        elif key == "rescale" and method in ("ties", "dare_ties", "dare_linear"):
+        elif key == "rescale" and method in _RESCALE_L1:
             out["rescale"] = _bool_to(value, "l1", "none", key)
+        elif key == "filter_wise" and method == "model_stock":
+            # mergekit's filter_wise: one ratio per vector along the last axis
+            out["granularity"] = _bool_to(value, "last_axis", "tensor", key)
         else:
             out[key] = value
     return out
@@ -104,6 +123,8 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if name not in METHODS:
         raise RecipeError(f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}")
     method, preset = METHODS[name]
+    if name == "slerp" and "t" not in (data.get("parameters") or {}):
+        raise RecipeError("mergekit recipe: slerp needs 'parameters: {t: ...}' (mergekit requires it)")
     base = _local(data["base_model"], "base_model") if data.get("base_model") else None
     models = []
     for entry in data.get("models") or []:
