@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
+
+import torch
 
 from alloykit.engine.memory import ByteBudget
 
@@ -58,6 +61,20 @@ class ThreadExecutor:
                 for f in pending:
                     f.cancel()
                 raise
+
+
+@contextmanager
+def intra_op_threads(workers: int) -> Iterator[None]:
+    """Give each of ``workers`` concurrent jobs an equal share of torch's intra-op threads.
+
+    The engine parallelises across jobs; letting every job also fan out over all cores
+    oversubscribes them (measured 1.2–10× slower on 2 cores). Restored on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def make_executor(workers: int | None, max_bytes: int | None) -> Executor:

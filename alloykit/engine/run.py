@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from alloykit.engine.executor import make_executor
+from alloykit.engine.executor import intra_op_threads, make_executor
 from alloykit.engine.memory import PeakRSS, tune_allocator
 from alloykit.engine.plan import MergePlan, TensorJob
 from alloykit.errors import MismatchError, NonFiniteError
@@ -121,7 +121,7 @@ def run_plan(
     sq_delta = [0.0] * n_models
     sq_base = [0.0]
     t0 = time.perf_counter()
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, intra_op_threads(report.workers):
         state: Any = None
         for p in range(plan.reduction_passes):
 
