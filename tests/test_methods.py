@@ -373,3 +373,20 @@ def test_method_needs_base():
 def test_no_models_is_an_error():
     with pytest.raises(ParameterError, match="no models to merge"):
         merge_state_dicts([], None, "linear")
+
+
+@pytest.mark.parametrize("values", ["distinct", "tied"])
+def test_exact_topk_mask_is_argsorts_top_k(values):
+    from alloykit.methods.primitives import topk_mask_exact
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5000, generator=g)
+    if values == "tied":
+        x = (x * 3).round()  # few distinct magnitudes: the cut falls inside a tie
+    for density in (0.01, 0.2, 0.5, 0.9):
+        k = max(1, int(density * x.numel()))
+        expected = torch.zeros(x.numel(), dtype=torch.bool)
+        expected[torch.argsort(x.abs(), descending=True)[:k]] = True
+        mask = topk_mask_exact(x, density)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, expected)

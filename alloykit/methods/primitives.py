@@ -40,8 +40,15 @@ def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * delta.numel()))
+    mags = delta.abs().reshape(-1).float()
+    # When the k-th largest value is not tied across the cut, the top-k set is unique and a
+    # linear-time selection finds it; only a tie at the cut needs argsort's own tie order.
+    kth = mags.kthvalue(mags.numel() - k + 1).values
+    above = mags >= kth
+    if int(above.sum()) == k:
+        return above.reshape(delta.shape)
     mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = True
+    mask[torch.argsort(mags, descending=True)[:k]] = True
     return mask.reshape(delta.shape)
 
 
