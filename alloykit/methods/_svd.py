@@ -1,0 +1,300 @@
+"""Shared pieces of the SVD merge methods (``tsv_m``, ``iso_c``, ``iso_cts``): the rule for each
+class of tensor, thin and randomized SVDs, the polar factor, and the three per-matrix merges.
+
+Notation: τ_t = θ_t − θ_0 for one tensor, T tasks, an m × n matrix has r = min(m, n) singular
+values. polar(A) = P Qᵀ for the thin SVD A = P Σ Qᵀ: the nearest matrix with orthonormal columns
+(or rows, when A is wide). Every function here is pure and works on the tensors' device.
+
+Tensor classes (:func:`merge_tensor`), the same for the three methods:
+
+* 0-D and 1-D tensors (biases, norms, scalars): the mean of the task vectors, as the reference
+  code does for every tensor that is not 2-D.
+* 2-D tensors (linear layers and embeddings alike): the method's matrix merge when
+  ``matrices="svd"``, the mean when ``"mean"`` (the reference code averages CLIP's
+  ``text_projection``; the ``paper`` presets say so with a tensor-name condition).
+* 3-D and larger (convolution kernels): the mean when ``conv="mean"`` (reference code: only 2-D
+  tensors are decomposed), or the matrix merge of the kernel reshaped to out × (in·k…) and
+  reshaped back when ``"svd"``. A stacked-experts tensor (E × out × in) is not a convolution:
+  keep it on ``"mean"``.
+* Tensors no fine-tune changed (every τ_t exactly 0), and empty tensors: the base, unchanged.
+
+Everything is computed in float32 (float64 for float64 inputs) whatever the compute dtype, since
+SVDs of half-precision matrices are not available or not accurate; the result is cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from alloykit.methods.base import Param
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def alpha_param(help: str) -> Param:
+    return Param("alpha", float, 1.0, help=help)
+
+
+MATRICES = Param(
+    "matrices",
+    str,
+    "svd",
+    choices=("svd", "mean"),
+    help="2-D tensors: the method's SVD merge, or the plain mean of the task vectors",
+)
+CONV = Param(
+    "conv",
+    str,
+    "mean",
+    choices=("mean", "svd"),
+    help="tensors with 3 or more dims: mean of task vectors (reference code), or SVD merge of "
+    "the kernel reshaped to out × rest",
+)
+RANK_TOL = Param(
+    "rank_tol",
+    float,
+    0.0,
+    ge=0.0,
+    lt=1.0,
+    help="drop singular triplets below rank_tol × the largest singular value of the same SVD "
+    "(0: keep all, reference code)",
+)
+SVD = Param(
+    "svd",
+    str,
+    "exact",
+    choices=("exact", "lowrank"),
+    help="truncated SVDs: exact (torch.linalg.svd) or randomized (seeded, Halko et al.)",
+)
+LOWRANK_NITER = Param("lowrank_niter", int, 8, ge=0, help="svd=lowrank: power iterations")
+LOWRANK_OVERSAMPLE = Param(
+    "lowrank_oversample", int, 100, ge=0, help="svd=lowrank: random directions beyond the kept rank"
+)
+
+# The reference code (TSV-M and Iso both) decomposes every 2-D tensor except those whose name
+# contains "text_projection" (CLIP), which it averages.
+PAPER_MATRICES = [{"filter": "text_projection", "value": "mean"}, {"value": "svd"}]
+
+
+# ----------------------------------------------------------------------------- tensor classes
+
+
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def merge_tensor(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    alpha: float,
+    matrices: str,
+    conv: str,
+    merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """θ_0 + α · update, with the update chosen by tensor class (see the module docstring).
+
+    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update."""
+    wd = work_dtype(base)
+    b = base.to(wd)
+    deltas = [t.to(wd) - b for t in tensors]
+    if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
+        return base.clone()
+    rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
+    if rule == "mean":
+        update = torch.stack(deltas).mean(dim=0)
+    else:
+        rows = base.shape[0]
+        update = merge_matrix([d.reshape(rows, -1) for d in deltas]).reshape(base.shape)
+    return (b + alpha * update).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- decompositions
+
+
+def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)``; if LAPACK's divide-and-conquer fails to
+    converge (it can on ill-conditioned float32 matrices, e.g. nearly dependent stacked bases),
+    the SVD is retried in float64 and cast back, instead of failing the merge."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """P Qᵀ for the thin SVD a = P Σ Qᵀ (the reference code's ``u @ vh``)."""
+    u, _, vh = thin_svd(a)
+    return u @ vh
+
+
+def randomized_svd(
+    a: torch.Tensor, k: int, q: int, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k triplets by the randomized range finder with ``niter`` QR-stabilised power
+    iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1; the algorithm of
+    ``torch.svd_lowrank``), sketching with q ≥ k Gaussian directions drawn from ``generator``
+    so that the result does not depend on global RNG state or merge order."""
+    omega = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    ub, s, vh = thin_svd(basis.mT @ a)
+    return (basis @ ub[:, :k]), s[:k], vh[:k]
+
+
+class TopSVD:
+    """Top-k singular triplets of a matrix, exactly or by a seeded randomized SVD.
+
+    ``lowrank`` is used only where it can pay off, when the sketch k + oversample is at most
+    r/2; otherwise (e.g. TSV-M with T = 2, or Iso-CTS's common space) the exact thin SVD is
+    sliced."""
+
+    def __init__(
+        self,
+        how: str = "exact",
+        niter: int = 8,
+        oversample: int = 100,
+        generator: Callable[[int], torch.Generator] | None = None,
+    ):
+        self.how, self.niter, self.oversample = how, niter, oversample
+        self.generator = generator or (lambda stream: torch.Generator().manual_seed(stream))
+
+    def __call__(
+        self, a: torch.Tensor, k: int, stream: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = k + self.oversample
+        if self.how == "lowrank" and 2 * q <= min(a.shape):
+            return randomized_svd(a, k, q, self.niter, self.generator(stream))
+        u, s, vh = thin_svd(a)
+        return u[:, :k], s[:k], vh[:k]
+
+
+def _keep(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank_tol: float, top: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the triplets with σ < rank_tol · top (nothing when rank_tol is 0)."""
+    if rank_tol <= 0:
+        return u, s, vh
+    keep = s >= rank_tol * top
+    return u[:, keep], s[keep], vh[keep]
+
+
+# ----------------------------------------------------------------------------- matrix merges
+
+
+def tsv_rank(r: int, n_tasks: int, min_rank: int = 0) -> int:
+    """Triplets kept per task: the reference code's ``int(r * (1 / T))`` (= ⌊r/T⌋ except for a
+    float rounding at T = 49, where it is one less when T divides r), raised to ``min_rank``
+    (1 in the ESM RoBERTa code's ``max(1, ·)``) and capped at r."""
+    return min(r, max(min_rank, int(r * (1 / n_tasks))))
+
+
+def tsv_m_matrix(
+    deltas: list[torch.Tensor],
+    *,
+    min_rank: int = 0,
+    rank_tol: float = 0.0,
+    top_svd: TopSVD | None = None,
+) -> torch.Tensor:
+    """TSV-M update of one matrix: ΔW = polar(U) diag(s) polar(Vᵀ), where U = [U_1,k … U_T,k],
+    s = [s_1,k … s_T,k], Vᵀ = [V_1,kᵀ; …; V_T,kᵀ] are the top k = ``tsv_rank`` triplets of each τ_t.
+
+    A task whose τ_t is exactly zero contributes no triplets (the reference code would insert
+    the arbitrary singular vectors of a zero matrix, with zero weight but tilting the polar
+    factors of the others)."""
+    top_svd = top_svd or TopSVD()
+    m, n = deltas[0].shape
+    k = tsv_rank(min(m, n), len(deltas), min_rank)
+    us, ss, vhs = [], [], []
+    for t, d in enumerate(deltas):
+        if k == 0 or not bool(d.any()):
+            continue
+        u, s, vh = top_svd(d, k, stream=t)
+        u, s, vh = _keep(u, s, vh, rank_tol, s[0])
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    if not ss or not any(x.numel() for x in ss):
+        return deltas[0].new_zeros(m, n)
+    u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
+    return polar(u) @ (s[:, None] * polar(vh))
+
+
+def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """σ̄ · U Vᵀ with σ̄ the mean of ``s`` (a flat spectrum of the same nuclear norm)."""
+    return s.mean() * (u @ vh)
+
+
+def iso_c_matrix(deltas: list[torch.Tensor], *, rank_tol: float = 0.0) -> torch.Tensor:
+    """Iso-C update of one matrix: Σ_t τ_t = U diag(s) Vᵀ, ΔW = mean(s) · U Vᵀ."""
+    total = torch.stack(deltas).sum(dim=0)
+    u, s, vh = thin_svd(total)
+    u, s, vh = _keep(u, s, vh, rank_tol, s[0])
+    if s.numel() == 0:
+        return torch.zeros_like(total)
+    return isotropic(s, u, vh)
+
+
+def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(k_c, n_t): common-space size and triplets per task, as the reference code computes them:
+    k_c = int(r·f), then the task-specific total r − k_c is rounded (Python ``round``, half to
+    even) to a multiple of T and k_c takes the rest, so that k_c + T·n_t = r. Where that
+    rounding would exceed r (small r, many tasks, small f; the reference code would then slice
+    with a negative index), n_t = ⌊r/T⌋ instead."""
+    k_c = int(r * common_fraction)
+    k_c = r - round((r - k_c) / n_tasks) * n_tasks
+    if k_c < 0:
+        return r - (r // n_tasks) * n_tasks, r // n_tasks
+    return k_c, int((r - k_c) / n_tasks)
+
+
+def iso_cts_matrix(
+    deltas: list[torch.Tensor],
+    *,
+    common_fraction: float = 0.8,
+    rank_tol: float = 0.0,
+    top_svd: TopSVD | None = None,
+) -> torch.Tensor:
+    """Iso-CTS update of one matrix.
+
+    1. Common space: the top k_c triplets (U_c, s_c, V_cᵀ) of Σ_t τ_t.
+    2. Task-specific: for each t, the top n_t triplets of the residual τ_t − U_c U_cᵀ τ_t.
+    3. Stack [task 1 … task T, common] in U, s and Vᵀ (the reference code's order);
+       ΔW = mean(s) · polar(U) polar(Vᵀ).
+
+    When no task-specific triplet is left (n_t = 0, e.g. ``common_fraction=1``), U_c and V_c are
+    already orthonormal and ΔW = mean(s_c) U_c V_cᵀ is computed as Iso-C computes it, so that
+    ``common_fraction=1`` gives Iso-C exactly. A task whose residual is exactly zero contributes
+    no triplets."""
+    top_svd = top_svd or TopSVD()
+    m, n = deltas[0].shape
+    k_c, n_t = iso_cts_sizes(min(m, n), len(deltas), common_fraction)
+    total = torch.stack(deltas).sum(dim=0)
+    uc, sc, vhc = top_svd(total, k_c, stream=len(deltas))
+    if sc.numel():
+        uc, sc, vhc = _keep(uc, sc, vhc, rank_tol, sc[0])
+    us, ss, vhs = [], [], []
+    for t, d in enumerate(deltas):
+        if n_t == 0:
+            break
+        resid = d - uc @ (uc.mT @ d)
+        if not bool(resid.any()):
+            continue
+        u, s, vh = top_svd(resid, n_t, stream=t)
+        u, s, vh = _keep(u, s, vh, rank_tol, s[0])
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    if not any(x.numel() for x in ss):
+        return isotropic(sc, uc, vhc) if sc.numel() else torch.zeros_like(total)
+    u = torch.cat([*us, uc], dim=1)
+    s = torch.cat([*ss, sc])
+    vh = torch.cat([*vhs, vhc], dim=0)
+    return s.mean() * (polar(u) @ polar(vh))

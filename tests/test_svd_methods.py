@@ -1,0 +1,360 @@
+"""TSV-M, Iso-C and Iso-CTS against the papers' equations re-implemented here in float64 numpy (the
+reference code's own route: zero-padded bases, explicit projectors), and their properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alloykit import merge, merge_state_dicts
+from alloykit.errors import ParameterError
+from alloykit.io import open_checkpoint
+from alloykit.methods import TensorContext, get_method
+from alloykit.methods._svd import iso_cts_sizes, tsv_rank
+
+METHODS = ("tsv_m", "iso_c", "iso_cts")
+
+
+# ----------------------------------------------------------------------------- float64 references
+
+
+def np_svd(a, rng=None):
+    """Thin SVD; with ``rng``, every singular pair gets a random sign (an equally valid SVD)."""
+    u, s, vh = np.linalg.svd(a, full_matrices=False)
+    if rng is not None:
+        d = rng.choice([-1.0, 1.0], size=s.shape)
+        u, vh = u * d, d[:, None] * vh
+    return u, s, vh
+
+
+def np_polar(a, rng=None):
+    u, _, vh = np_svd(a, rng)
+    return u @ vh
+
+
+def np_tsv_m(deltas, rng=None, k=None):
+    """TSV-M as the reference code computes it: each task's top k triplets placed in its own
+    slot of zero-padded r-column U, s, V, then polar(U) diag(s) polar(V)."""
+    t_count = len(deltas)
+    m, n = deltas[0].shape
+    r = min(m, n)
+    k = int(r * (1 / t_count)) if k is None else k
+    width = max(r, t_count * k)
+    u_all, s_all, v_all = np.zeros((m, width)), np.zeros(width), np.zeros((width, n))
+    for i, d in enumerate(deltas):
+        u, s, vh = np_svd(d, rng)
+        u_all[:, i * k : (i + 1) * k] = u[:, :k]
+        s_all[i * k : (i + 1) * k] = s[:k]
+        v_all[i * k : (i + 1) * k] = vh[:k]
+    return np_polar(u_all, rng) @ np.diag(s_all) @ np_polar(v_all, rng)
+
+
+def np_iso_c(deltas, rng=None):
+    u, s, vh = np_svd(sum(deltas), rng)
+    return u @ np.diag(np.full_like(s, s.mean())) @ vh
+
+
+def np_iso_cts(deltas, f, rng=None):
+    """Iso-CTS as the reference code computes it (m × m projector, zero-padded slots)."""
+    t_count = len(deltas)
+    m, n = deltas[0].shape
+    r = min(m, n)
+    k_c = int(r * f)
+    k_c = r - round((r - k_c) / t_count) * t_count
+    n_t = int((r - k_c) / t_count)
+    u, s, vh = np_svd(sum(deltas), rng)
+    uc, sc, vc = u[:, :k_c], s[:k_c], vh[:k_c]
+    u_all, s_all, v_all = np.zeros((m, r)), np.zeros(r), np.zeros((r, n))
+    for i, d in enumerate(deltas):
+        ut, st, vt = np_svd(d - uc @ uc.T @ d, rng)
+        u_all[:, i * n_t : (i + 1) * n_t] = ut[:, :n_t]
+        s_all[i * n_t : (i + 1) * n_t] = st[:n_t]
+        v_all[i * n_t : (i + 1) * n_t] = vt[:n_t]
+    u_all[:, t_count * n_t :] = uc
+    s_all[t_count * n_t :] = sc
+    v_all[t_count * n_t :] = vc
+    return np_polar(u_all, rng) @ np.diag(np.full(r, s_all.mean())) @ np_polar(v_all, rng)
+
+
+def task_matrices(shape, n_tasks, seed=0, decay=0.7, scale=0.1):
+    """A base and fine-tunes whose task vectors have distinct, decaying singular values."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    r = min(m, n)
+    base = torch.randn(m, n, generator=g, dtype=torch.float64)
+    fts = []
+    for _ in range(n_tasks):
+        q1 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+        q2 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+        sig = scale * decay ** torch.arange(r, dtype=torch.float64) * (1 + 0.1 * torch.rand(r, generator=g))
+        fts.append(base + q1 @ torch.diag(sig) @ q2.T)
+    return base.float(), [f.float() for f in fts]
+
+
+def deltas64(base, fts):
+    return [(f.double() - base.double()).numpy() for f in fts]
+
+
+def close(actual, expected, tol=2e-5):
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=0, atol=tol * max(1.0, float(expected.abs().max()))
+    )
+
+
+# ----------------------------------------------------------------------------- against the equations
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (7, 16), (10, 10)])
+@pytest.mark.parametrize("n_tasks", [1, 2, 3, 5])
+@pytest.mark.parametrize("flip_seed", [None, 1])
+def test_tsv_m_matches_the_reference_equations_and_ignores_singular_vector_signs(shape, n_tasks, flip_seed):
+    base, fts = task_matrices(shape, n_tasks, seed=n_tasks)
+    out = get_method("tsv_m")(fts, base, alpha=0.6)
+    rng = None if flip_seed is None else np.random.default_rng(flip_seed)
+    expected = base.double().numpy() + 0.6 * np_tsv_m(deltas64(base, fts), rng)
+    close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (7, 16)])
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_iso_c_matches_the_reference_equations(shape, n_tasks):
+    base, fts = task_matrices(shape, n_tasks, seed=10 + n_tasks)
+    out = get_method("iso_c")(fts, base, alpha=1.3)
+    rng = np.random.default_rng(3)
+    close(out, base.double().numpy() + 1.3 * np_iso_c(deltas64(base, fts), rng))
+
+
+@pytest.mark.parametrize(
+    "shape,n_tasks,f",
+    [((12, 8), 2, 0.8), ((16, 12), 3, 0.8), ((9, 20), 4, 0.5), ((30, 30), 4, 0.8), ((12, 10), 3, 0.0)],
+)
+@pytest.mark.parametrize("flip_seed", [None, 5])
+def test_iso_cts_matches_the_reference_equations_and_ignores_singular_vector_signs(
+    shape, n_tasks, f, flip_seed
+):
+    base, fts = task_matrices(shape, n_tasks, seed=20 + n_tasks)
+    out = get_method("iso_cts")(fts, base, alpha=0.9, common_fraction=f)
+    rng = None if flip_seed is None else np.random.default_rng(flip_seed)
+    close(out, base.double().numpy() + 0.9 * np_iso_cts(deltas64(base, fts), f, rng))
+
+
+def test_iso_cts_sizes_by_hand():
+    # ViT-B, 768 × 768, 8 tasks: int(614.4) = 614; (768 − 614)/8 = 19.25 → 19·8 = 152; 768 − 152
+    assert iso_cts_sizes(768, 8, 0.8) == (616, 19)
+    assert iso_cts_sizes(10, 4, 0.8) == (10, 0)  # 2/4 = 0.5 rounds half to even: 0
+    assert iso_cts_sizes(30, 4, 0.8) == (22, 2)  # 6/4 = 1.5 rounds half to even: 2
+    assert iso_cts_sizes(10, 3, 0.8) == (7, 1)  # k_c grows or shrinks so that T divides the rest
+    assert iso_cts_sizes(8, 2, 1.0) == (8, 0)
+    assert iso_cts_sizes(5, 3, 0.0) == (2, 1)  # reference: round(5/3)·3 = 6 > 5; guarded
+    for r, t, f in [(768, 8, 0.8), (30, 4, 0.8), (10, 3, 0.8), (5, 3, 0.0), (7, 2, 0.3)]:
+        k_c, n_t = iso_cts_sizes(r, t, f)
+        assert k_c >= 0 and k_c + t * n_t == r
+
+
+def test_tsv_rank_is_the_reference_codes_int_of_r_times_one_over_t():
+    assert tsv_rank(768, 8) == 96
+    assert tsv_rank(768, 14) == 54
+    assert tsv_rank(49, 49) == 0  # int(49 · (1/49)) = int(0.999…) in floating point
+    assert tsv_rank(1, 3) == 0 and tsv_rank(1, 3, min_rank=1) == 1
+    assert tsv_rank(4, 2, min_rank=9) == 4
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def test_tsv_m_one_model_at_full_rank_is_base_plus_alpha_tau():
+    base, fts = task_matrices((9, 6), 1, seed=4)
+    out = get_method("tsv_m")(fts, base, alpha=0.35)
+    close(out, base.double() + 0.35 * (fts[0].double() - base.double()))
+
+
+def test_tsv_m_with_a_zero_task_is_the_other_tasks_truncated_svd():
+    base, fts = task_matrices((10, 8), 1, seed=6)
+    out = get_method("tsv_m")([fts[0], base.clone()], base)
+    u, s, vh = np.linalg.svd(deltas64(base, fts)[0])
+    close(out, base.double().numpy() + u[:, :4] @ np.diag(s[:4]) @ vh[:4])
+
+
+def test_tsv_m_min_rank_keeps_thin_matrices_and_zero_rank_leaves_the_base():
+    base, fts = task_matrices((2, 6), 3, seed=7)  # r = 2 < T = 3: k = 0 in the reference code
+    assert torch.equal(get_method("tsv_m")(fts, base), base)
+    out = get_method("tsv_m")(fts, base, min_rank=1)
+    close(out, base.double().numpy() + np_tsv_m(deltas64(base, fts), k=1))
+
+
+def test_tsv_m_rank_tol_drops_the_noise_directions_of_low_rank_task_vectors():
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(16, 12, generator=g)
+    # LoRA-like task vectors of rank 2; T = 2 keeps k = 6 triplets, 4 of them numerical noise
+    deltas = [torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g) * 0.1 for _ in range(2)]
+    out = get_method("tsv_m")([base + d for d in deltas], base, rank_tol=1e-4)
+    expected = np_tsv_m([d.double().numpy() for d in deltas], k=2)
+    close(out, base.double().numpy() + expected, tol=1e-4)
+
+
+def test_iso_c_update_has_a_flat_spectrum_equal_to_the_mean_of_the_sums():
+    base, fts = task_matrices((14, 9), 3, seed=9)
+    update = get_method("iso_c")(fts, base).double() - base.double()
+    sv_sum = torch.linalg.svdvals(sum(f.double() - base.double() for f in fts))
+    sv = torch.linalg.svdvals(update)
+    torch.testing.assert_close(sv, torch.full_like(sv, float(sv_sum.mean())), rtol=1e-5, atol=1e-6)
+
+
+def test_iso_cts_update_has_a_flat_spectrum_too():
+    base, fts = task_matrices((14, 9), 3, seed=9)
+    update = get_method("iso_cts")(fts, base).double() - base.double()
+    sv = torch.linalg.svdvals(update)
+    torch.testing.assert_close(sv, torch.full_like(sv, float(sv[0])), rtol=1e-5, atol=1e-6)
+
+
+def test_iso_cts_with_common_fraction_one_is_exactly_iso_c():
+    base, fts = task_matrices((12, 9), 4, seed=11)
+    a = get_method("iso_cts")(fts, base, common_fraction=1.0, alpha=1.7)
+    b = get_method("iso_c")(fts, base, alpha=1.7)
+    assert torch.equal(a, b)
+
+
+def test_iso_cts_with_one_task_equals_iso_c():
+    # one task: common space + the rest of its own spectrum = all of it, polar(U) = U
+    base, fts = task_matrices((12, 9), 1, seed=12)
+    close(get_method("iso_cts")(fts, base), get_method("iso_c")(fts, base), tol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_task_vectors_give_the_base_back_exactly(method, tmp_path):
+    sd = {
+        "w": torch.randn(5, 4),
+        "b": torch.randn(4),
+        "conv": torch.randn(3, 2, 2, 2),
+        "text_projection": torch.randn(4, 4),
+        "scalar": torch.tensor(2.0),
+    }
+    m = get_method(method)
+    for preset in m.presets:
+        out = merge_state_dicts([sd, sd, sd], sd, method, preset=preset, parameters={"conv": "svd"})
+        for k in sd:
+            assert torch.equal(out[k], sd[k]), k
+    # one parameter changed, the others not: the unchanged ones are the base, no NaN
+    ft = dict(sd, w=sd["w"] + 0.1)
+    out = merge_state_dicts([ft, sd], sd, method)
+    assert all(torch.equal(out[k], sd[k]) for k in sd if k != "w")
+    assert torch.isfinite(out["w"]).all() and not torch.equal(out["w"], sd["w"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vectors_and_conv_kernels_are_averaged_and_text_projection_in_the_paper_preset(method):
+    g = torch.Generator().manual_seed(13)
+    base = {
+        k: torch.randn(s, generator=g)
+        for k, s in {"b": (6,), "k": (4, 3, 2, 2), "text_projection": (5, 4)}.items()
+    }
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    out = merge_state_dicts(fts, base, method, parameters={"alpha": 0.8})
+    for k in base:
+        expected = base[k] + 0.8 * sum(f[k] - base[k] for f in fts) / 3
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
+    out = merge_state_dicts(fts, base, method, parameters={"matrices": "svd"})
+    direct = get_method(method)([f["text_projection"] for f in fts], base["text_projection"])
+    assert torch.equal(out["text_projection"], direct)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_conv_kernel_merged_as_out_by_rest_matrix_round_trips_its_shape(method):
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(6, 3, 2, 2, generator=g)
+    fts = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
+    m = get_method(method)
+    out = m(fts, base, conv="svd", alpha=0.5)
+    assert out.shape == base.shape
+    flat = m([f.reshape(6, 12) for f in fts], base.reshape(6, 12), alpha=0.5)
+    assert torch.equal(out, flat.reshape(base.shape))
+    assert not torch.allclose(out, m(fts, base, alpha=0.5))  # the default averages instead
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_inputs_are_decomposed_in_float32_and_returned_in_bf16(method):
+    base, fts = task_matrices((12, 8), 3, seed=15)
+    b16, f16 = base.bfloat16(), [f.bfloat16() for f in fts]
+    out = get_method(method)(f16, b16)
+    assert out.dtype == torch.bfloat16
+    expected = get_method(method)([f.float() for f in f16], b16.float()).bfloat16()
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------- randomized SVD
+
+
+@pytest.mark.parametrize("method,params", [("tsv_m", {}), ("iso_cts", {"common_fraction": 0.5})])
+def test_lowrank_svd_is_close_to_exact_deterministic_and_only_used_for_small_ranks(method, params):
+    base, fts = task_matrices((60, 48), 4, seed=16, decay=0.85)
+    m = get_method(method)
+    exact = m(fts, base, **params)
+    ctx = TensorContext(name="layers.0.w", seed=3)
+    kw = dict(params, svd="lowrank", lowrank_niter=4, lowrank_oversample=10)
+    low = m(fts, base, ctx, **kw)
+    assert float((low - exact).norm() / (exact - base).norm()) < 1e-4
+    assert not torch.equal(low, exact)  # it really took the randomized route (k + 10 <= r/2 = 24)
+    assert torch.equal(low, m(fts, base, ctx, **kw))
+    # no power iteration and little oversampling: a coarse approximation
+    rough = m(fts, base, ctx, **dict(kw, lowrank_niter=0, lowrank_oversample=4))
+    assert float((rough - exact).norm() / (exact - base).norm()) > 1e-2
+    # the default oversampling (100) makes the sketch wider than r/2: the exact SVD is used
+    assert torch.equal(m(fts, base, ctx, svd="lowrank", **params), exact)
+
+
+# ----------------------------------------------------------------------------- errors and the engine
+
+
+@pytest.mark.parametrize(
+    "method,params,match",
+    [
+        ("iso_cts", {"common_fraction": 1.5}, r"'common_fraction' = 1.5 .*<= 1.0"),
+        ("tsv_m", {"svd": "fast"}, r"'svd' = 'fast' .*'exact', 'lowrank'"),
+        ("iso_c", {"rank_tol": 1.0}, r"'rank_tol' = 1.0 .*< 1.0"),
+        ("tsv_m", {"min_rank": -1}, r"'min_rank' = -1 .*>= 0"),
+        ("iso_c", {"conv": "matrix"}, r"'conv' = 'matrix' .*'mean', 'svd'"),
+        ("iso_c", {"lambda": 1.0}, r"unknown parameter 'lambda'"),
+    ],
+)
+def test_bad_parameters_are_named_with_their_value_and_range(method, params, match):
+    base, fts = task_matrices((4, 3), 2)
+    with pytest.raises(ParameterError, match=match):
+        get_method(method)(fts, base, **params)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("tsv_m", {"alpha": 0.7}), ("iso_c", {}), ("iso_cts", {"svd": "lowrank", "lowrank_oversample": 1})],
+)
+def test_merge_of_safetensors_folders_equals_the_direct_call(toy, method, params):
+    out = toy["tmp"] / "merged"
+    merge(toy["paths"], toy["base_path"], method, out, parameters=params, workers=2)
+    r = open_checkpoint(out)
+    m = get_method(method)
+    for k, b in toy["base"].items():
+        direct = m([f[k] for f in toy["fts"]], b, TensorContext(name=k), **params)
+        assert torch.equal(r.read(k), direct), k
+        if b.dim() == 2:  # the matrices really were decomposed, not averaged
+            assert not torch.allclose(
+                direct, get_method("task_arithmetic")([f[k] for f in toy["fts"]], b, **{"lambda": 1 / 3})
+            )
+
+
+def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(monkeypatch):
+    base, fts = task_matrices((12, 8), 3, seed=17)
+    expected = get_method("iso_cts")([f.double() for f in fts], base.double())
+    real_svd = torch.linalg.svd
+    failed = []
+
+    def flaky_svd(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            failed.append(tuple(a.shape))
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    out = get_method("iso_cts")(fts, base)
+    assert failed and out.dtype == torch.float32
+    close(out, expected, tol=1e-6)
