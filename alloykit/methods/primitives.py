@@ -129,9 +129,11 @@ def elect_and_combine(
         total = signs.sum(dim=0)
     else:
         raise ValueError(f"unknown sign rule {sign!r}")
-    # (torch.where rather than boolean indexing: the same values, several times faster)
-    elected = torch.where(total == 0, zero_sign, total.sign())
-    mask = (signs == elected).to(deltas.dtype)
+    # Float arithmetic instead of boolean masks (the same values; bool kernels are several times
+    # slower here): γ ∈ {−1, 0, 1} → γ + (1 − |γ|)·zero_sign, and sign·γ is 1 exactly where they agree.
+    elected = total.sign()
+    elected += (1 - elected.abs()) * zero_sign
+    mask = (signs * elected).clamp_(min=0)
     mixed = (deltas * mask).sum(dim=0)
     if aggregate == "weighted_mean":
         divisor = (weights * mask).sum(dim=0)
@@ -295,6 +297,12 @@ def _bits_to_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
+def at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0 where ``values ≥ threshold``, else 0.0, in float arithmetic (fl(a − b) ≥ 0 ⇔ a ≥ b
+    for finite floats, so this is exact; several times faster than a boolean mask here)."""
+    return (values - threshold).sign_().add_(1).clamp_(max=1)
+
+
 def trim_task_vectors(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -314,7 +322,7 @@ def trim_task_vectors(
         d = torch.sub(x, base, out=out[i])
         if topk == "model":
             thr = ctx.stats["threshold"][i]
-            mask = None if thr is None else d.abs().float() >= thr  # (no copy for float32)
+            mask = None if thr is None else at_least(d.abs().float(), thr)  # (no copy for float32)
         elif topk_rule == "exact":
             mask = None if density[i] >= 1 else topk_mask_exact(d, density[i])
         else:
