@@ -40,7 +40,8 @@ class MergeSpec:
     exclude: list[str] | None = None
     seed: int = 0
     check_finite: bool = True
-    base_check: float | None = 0.5  # max ‖θ_t − θ_0‖ / ‖θ_0‖ over the model
+    # max ‖θ_t − θ_0‖ / ‖θ_0‖, measured on the first slice (chunk_elements) of every tensor
+    base_check: float | None = 0.5
     # Elementwise merges run on slices of this many elements (a fixed constant: DARE's random
     # masks are drawn per slice, so the slicing is part of the result).
     chunk_elements: int = 1 << 20

@@ -142,7 +142,7 @@ def ties(
     """
     raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
     w = stack_weights(weight, raw)
-    deltas = raw * w
+    deltas = raw if all(x == 1 for x in weight) else raw * w  # (× 1 is exact: skip the copy)
     if zero_sign == "positive":
         fallback = 1.0
     else:
