@@ -59,6 +59,11 @@ SIZES: dict[str, dict[str, Any]] = {
         "shard_size": "2GB",
     },
     # ~19 M parameters; small shards so that the sharded code paths still run.
+    # MiniLM-sized (all-MiniLM-L6-v2: 6 layers × 384, FFN 1536, vocab 30522; ~22 M parameters),
+    # in the Llama layout the generator writes.
+    "minilm": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+               "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 30522,
+               "shard_size": "2GB"},
     "tiny": {
         "hidden_size": 256,
         "intermediate_size": 688,
@@ -88,6 +93,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # mergekit preset with its own default density 1.0: no top-k, election only.
     "ties_mergekit_d1": {"method": "ties", "base": True, "preset": "mergekit"},
     "dare": {"method": "dare", "base": True, "parameters": {"density": 0.5}},
+    "neuromerging": {"method": "neuromerging", "base": True},
+    "tsv_m": {"method": "tsv_m", "base": True},
+    "iso_c": {"method": "iso_c", "base": True},
+    "iso_cts": {"method": "iso_cts", "base": True},
+    "consensus": {"method": "consensus", "base": True},
+    "pcb": {"method": "pcb", "base": True},
+    "magmax": {"method": "magmax", "base": True},
+    "breadcrumbs": {"method": "breadcrumbs", "base": True},
+    "della": {"method": "della", "base": True},
+    "model_stock": {"method": "model_stock", "base": True},
+    "slerp": {"method": "slerp", "base": True},
 }
 ALIASES = {"ties": ["ties_paper", "ties_mergekit"]}
 TARGETS = {"linear": 2.0, "ties": 3.0}  # ratio to the floor
