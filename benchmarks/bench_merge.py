@@ -61,9 +61,15 @@ SIZES: dict[str, dict[str, Any]] = {
     # ~19 M parameters; small shards so that the sharded code paths still run.
     # MiniLM-sized (all-MiniLM-L6-v2: 6 layers × 384, FFN 1536, vocab 30522; ~22 M parameters),
     # in the Llama layout the generator writes.
-    "minilm": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
-               "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 30522,
-               "shard_size": "2GB"},
+    "minilm": {
+        "hidden_size": 384,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "vocab_size": 30522,
+        "shard_size": "2GB",
+    },
     "tiny": {
         "hidden_size": 256,
         "intermediate_size": 688,
