@@ -55,16 +55,9 @@ def build_spec(
 ) -> MergeSpec:
     m = get_method(method)
     readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
-    base = (
-        open_checkpoint(
-            base_model,
-            _label(base_model, -1) if not isinstance(base_model, str | os.PathLike) else str(base_model),
-        )
-        if base_model is not None
-        else None
-    )
-    if base is not None and not isinstance(base_model, str | os.PathLike):
-        base.label = "base"
+    base = None
+    if base_model is not None:
+        base = open_checkpoint(base_model, str(base_model) if isinstance(base_model, str | os.PathLike) else "base")
     return MergeSpec(
         models=readers,
         method=m,
