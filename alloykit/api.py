@@ -57,7 +57,9 @@ def build_spec(
     readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
     base = None
     if base_model is not None:
-        base = open_checkpoint(base_model, str(base_model) if isinstance(base_model, str | os.PathLike) else "base")
+        base = open_checkpoint(
+            base_model, str(base_model) if isinstance(base_model, str | os.PathLike) else "base"
+        )
     return MergeSpec(
         models=readers,
         method=m,
