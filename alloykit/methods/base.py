@@ -35,6 +35,39 @@ NO_MATCH: Any = object()
 
 
 @dataclass(frozen=True)
+class Continuous:
+    """A coefficient a method's users tune on validation data, searched in ``[low, high]``.
+
+    ``grid`` is used when it is searched together with other parameters (a grid search);
+    ``scales_update`` declares that the merged model is ``θ_0 + value · (merge at 1 − θ_0)``, so a
+    search may merge once and rescale (tested for every method that declares it).
+    """
+
+    low: float
+    high: float
+    grid: tuple[float, ...] = ()
+    scales_update: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"search interval needs low < high, got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parameter searched over a fixed list of values."""
+
+    values: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("a search grid needs at least one value")
+
+
+SearchSpace = dict[str, Continuous | Grid]
+
+
+@dataclass(frozen=True)
 class Param:
     """A declared parameter: type, default, range or choices, and whether it is per model."""
 
@@ -154,6 +187,8 @@ class MergeMethod:
     # inputs (so the engine may stream the tensor in slices). True, False, or a function of the
     # resolved parameters.
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    # What users tune on validation data (evaluation.search reads it); empty: nothing to tune.
+    search: SearchSpace = field(default_factory=dict)
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -294,6 +329,7 @@ def merge_method(
     max_models: int | None = None,
     memory_factor: float = 3.0,
     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
+    search: SearchSpace | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -312,10 +348,13 @@ def merge_method(
             max_models,
             memory_factor,
             elementwise,
+            dict(search or {}),
         )
         for values in m.presets.values():
             for k in values:
                 m.param(k)  # a preset may only set declared parameters
+        for k in m.search:
+            m.param(k)
         REGISTRY[name] = m
         return m
 

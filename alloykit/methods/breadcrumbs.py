@@ -15,6 +15,7 @@ from alloykit.methods.primitives import (
     density_param,
     elect_and_combine,
     rescale_l1,
+    scale_search,
     stack_weights,
 )
 
@@ -127,6 +128,7 @@ _DOC = """
 
 @merge_method(
     "breadcrumbs",
+    search=scale_search(4),
     params=PARAMS,
     needs_base=True,
     presets={"paper": {}, "mergekit": MERGEKIT},
@@ -159,6 +161,7 @@ def breadcrumbs(
 
 @merge_method(
     "breadcrumbs_ties",
+    search=scale_search(4),
     params=PARAMS,
     needs_base=True,
     presets={"paper": {}, "mergekit": MERGEKIT},

@@ -12,6 +12,7 @@ from alloykit.methods.primitives import (
     ModelTopK,
     density_param,
     elect_and_combine,
+    scale_search,
     stack_weights,
     trim_task_vectors,
 )
@@ -73,6 +74,7 @@ class ConsensusStats(ModelTopK):
 
 @merge_method(
     "consensus",
+    search=scale_search(1.5),
     params=[
         Param(
             "tall_mask_lambda",

@@ -12,6 +12,7 @@ from alloykit.methods.primitives import (
     density_param,
     elect_and_combine,
     rescale_l1,
+    scale_search,
     stack_weights,
 )
 
@@ -22,6 +23,7 @@ MERGEKIT_TIES = {**MERGEKIT, "combine": "ties", "sign": "weighted_sum"}
 
 @merge_method(
     "dare",
+    search=scale_search(1.5),
     params=[
         WEIGHT,
         density_param(0.1, "keep probability 1 − p of each entry (paper: p = 0.9)"),

@@ -11,7 +11,14 @@ import torch
 from alloykit.methods._sparsify import check_magprune_window
 from alloykit.methods._sparsify import magprune as magprune_drop
 from alloykit.methods.base import Param, TensorContext, merge_method
-from alloykit.methods.primitives import LAMBDA, WEIGHT, density_param, elect_and_combine, stack_weights
+from alloykit.methods.primitives import (
+    LAMBDA,
+    WEIGHT,
+    density_param,
+    elect_and_combine,
+    scale_search,
+    stack_weights,
+)
 
 
 def _params(aggregate: str) -> list[Param]:
@@ -143,6 +150,7 @@ MERGEKIT = {"density": 1.0, "epsilon": 0.15, "rescale": "l1", "magprune": "merge
 
 @merge_method(
     "della",
+    search=scale_search(8),
     params=_params("weighted_mean"),
     needs_base=True,
     presets={"paper": PAPER, "mergekit": MERGEKIT},
@@ -177,6 +185,7 @@ def della(
 
 @merge_method(
     "della_linear",
+    search=scale_search(8),
     params=_params("weighted_mean"),
     needs_base=True,
     presets={"paper": PAPER, "mergekit": {**MERGEKIT, "aggregate": "sum"}},

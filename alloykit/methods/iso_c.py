@@ -14,10 +14,12 @@ from alloykit.methods._svd import (
     merge_tensor,
 )
 from alloykit.methods.base import TensorContext, merge_method
+from alloykit.methods.primitives import scale_search
 
 
 @merge_method(
     "iso_c",
+    search=scale_search(4, "alpha"),
     params=[
         alpha_param("α, scales the merged update (tuned on validation data in the paper)"),
         RANK_TOL,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
+from alloykit.methods.primitives import scale_search
 
 
 @merge_method(
     "magmax",
+    search=scale_search(2),
     params=[Param("lambda", float, 0.5, help="λ, scales the selected task vector (reference scripts: 0.5)")],
     needs_base=True,
     presets={"paper": {}},

@@ -11,6 +11,7 @@ from alloykit.methods.primitives import (
     ModelTopK,
     density_param,
     elect_and_combine,
+    scale_search,
     stack_weights,
     trim_task_vectors,
     trims_elementwise,
@@ -19,6 +20,7 @@ from alloykit.methods.primitives import (
 
 @merge_method(
     "magnitude_prune",
+    search=scale_search(3),
     params=[
         WEIGHT,
         density_param(0.2, "fraction of entries of each task vector kept"),

@@ -8,7 +8,7 @@ import torch
 
 from alloykit.methods import _radix
 from alloykit.methods.base import Param, TensorContext, merge_method
-from alloykit.methods.primitives import density_param
+from alloykit.methods.primitives import density_param, scale_search
 
 # ----------------------------------------------------------------------------- ranks
 # The reference code's ``clamp(x, min_ratio, max_ratio)`` sorts each task's row ascending and
@@ -176,6 +176,7 @@ class PCBStats:
 
 @merge_method(
     "pcb",
+    search=scale_search(4),
     params=[
         Param(
             "weight",

@@ -10,11 +10,20 @@ from typing import Any
 
 import torch
 
-from alloykit.methods.base import Param, TensorContext
+from alloykit.methods.base import Continuous, Param, SearchSpace, TensorContext
 
 # Parameters every task-vector method declares the same way.
 WEIGHT = Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t")
 LAMBDA = Param("lambda", float, 1.0, help="λ, scales the merged task vector")
+
+
+def scale_search(high: float, name: str = "lambda") -> SearchSpace:
+    """The usual tuning of a task-vector method: its final scale, searched on [0, high]."""
+    return {
+        name: Continuous(
+            0.0, high, grid=tuple(round(high * i / 8, 6) for i in range(1, 9)), scales_update=True
+        )
+    }
 
 
 def trims_elementwise(params: dict[str, Any]) -> bool:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from alloykit.methods.base import Param, TensorContext, merge_method
+from alloykit.methods.base import Continuous, Param, TensorContext, merge_method
 
 _CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS: the norms and the dot are summed in such chunks
 
 
 @merge_method(
     "slerp",
+    search={"t": Continuous(0.0, 1.0, grid=(0.1, 0.3, 0.5, 0.7, 0.9))},
     params=[
         Param(
             "t",

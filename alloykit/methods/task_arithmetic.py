@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from alloykit.methods.base import Param, TensorContext, merge_method
-from alloykit.methods.primitives import LAMBDA, WEIGHT, elect_and_combine, stack_weights
+from alloykit.methods.primitives import LAMBDA, WEIGHT, elect_and_combine, scale_search, stack_weights
 
 
 @merge_method(
     "task_arithmetic",
+    search=scale_search(1.5),
     params=[
         WEIGHT,
         LAMBDA,

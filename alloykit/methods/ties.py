@@ -13,6 +13,7 @@ from alloykit.methods.primitives import (
     ModelTopK,
     density_param,
     elect_and_combine,
+    scale_search,
     stack_weights,
     trim_task_vectors,
     trims_elementwise,
@@ -54,6 +55,7 @@ MERGEKIT = {
 
 @merge_method(
     "ties",
+    search=scale_search(4),
     params=[
         WEIGHT,
         density_param(0.2, "fraction of entries of each task vector kept (paper: top 20 %)"),

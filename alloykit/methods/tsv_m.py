@@ -18,10 +18,12 @@ from alloykit.methods._svd import (
     tsv_m_matrix,
 )
 from alloykit.methods.base import Param, TensorContext, merge_method
+from alloykit.methods.primitives import scale_search
 
 
 @merge_method(
     "tsv_m",
+    search=scale_search(3, "alpha"),
     params=[
         alpha_param("α, scales the merged update (TSV paper: 1.0)"),
         Param(

@@ -1,0 +1,199 @@
+"""Run merge methods against a suite of tasks: select on validation, report on test.
+
+A :class:`Suite` is what any benchmark (or user) supplies: the base state dict, one fine-tuned
+state dict per task, the tasks, and an ``evaluate(state_dict, split, task_names)`` function that
+returns each named task's accuracy for a backbone (each task with its own head). The harness knows
+nothing of models or data beyond that, and nothing of any method beyond the registry: a method
+registered later is run without changes here.
+
+For each method: its declared search space (``MergeMethod.search``) is searched by
+:func:`alloykit.evaluation.search.select` on the mean *validation* accuracy with every task's test
+split sealed (reading it raises); then the chosen parameters are merged once more (timed) and
+evaluated on the test splits. When the only searched parameter declares ``scales_update``, the
+search merges once and rescales the update for each trial (the final model is still merged with
+the method itself).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from alloykit.errors import AlloykitError
+from alloykit.evaluation.metrics import mean, normalized
+from alloykit.evaluation.search import SearchResult, select
+from alloykit.evaluation.tasks import Task
+from alloykit.methods.base import Continuous, MergeMethod, get_method
+
+StateDict = Mapping[str, torch.Tensor]
+Evaluate = Callable[[StateDict, str, Sequence[str]], dict[str, float]]
+
+
+@dataclass
+class Suite:
+    tasks: list[Task]
+    base: StateDict
+    finetuned: dict[str, StateDict]  # task name -> fine-tuned state dict
+    evaluate: Evaluate
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        if sorted(names) != sorted(self.finetuned):
+            raise ValueError(f"fine-tuned models {sorted(self.finetuned)} do not match tasks {sorted(names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @contextmanager
+    def test_sealed(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for t in self.tasks:
+                stack.enter_context(t.sealed())
+            yield
+
+
+@dataclass
+class Row:
+    """One line of the results table: a reference model or a merge method."""
+
+    name: str
+    kind: str  # "reference" | "method"
+    status: str = "ok"  # "ok" | "n/a" | "error"
+    reason: str = ""
+    preset: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    search: str = ""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    normalized: dict[str, float] = field(default_factory=dict)
+    merge_seconds: float | None = None
+    total_seconds: float | None = None
+
+    @property
+    def mean_test(self) -> float | None:
+        return mean(self.test) if self.test else None
+
+    @property
+    def mean_normalized(self) -> float | None:
+        return mean(self.normalized) if self.normalized else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_test"] = self.mean_test
+        d["mean_normalized"] = self.mean_normalized
+        return d
+
+
+def reference_rows(suite: Suite) -> tuple[Row, Row]:
+    """The base model on every task, and each fine-tuned model on its own task."""
+    t0 = time.perf_counter()
+    base = Row("base (pre-trained)", "reference")
+    base.validation = suite.evaluate(suite.base, "validation", suite.names)
+    base.test = suite.evaluate(suite.base, "test", suite.names)
+    base.total_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ind = Row("individual (fine-tuned)", "reference")
+    for name in suite.names:
+        ind.validation.update(suite.evaluate(suite.finetuned[name], "validation", [name]))
+        ind.test.update(suite.evaluate(suite.finetuned[name], "test", [name]))
+    ind.total_seconds = time.perf_counter() - t0
+    base.normalized = normalized(base.test, ind.test)
+    ind.normalized = normalized(ind.test, ind.test)
+    return base, ind
+
+
+def _merge(
+    suite: Suite, method: MergeMethod, preset: str | None, params: Mapping[str, Any], workers: int | None
+):
+    from alloykit.api import merge
+
+    models = [suite.finetuned[n] for n in suite.names]
+    base = suite.base if method.needs_base else None
+    result = merge(models, base, method.name, preset=preset, parameters=dict(params), workers=workers)
+    assert result.state_dict is not None
+    return result.state_dict
+
+
+def _rescaled(base: StateDict, merged: StateDict, value: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, m in merged.items():
+        b = base[k]
+        out[k] = (b.float() + value * (m.float() - b.float())).to(m.dtype) if m.is_floating_point() else m
+    return out
+
+
+def run_method(
+    suite: Suite,
+    name: str,
+    individual: Mapping[str, float],
+    *,
+    preset: str | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    budget: int = 8,
+    workers: int | None = None,
+    on_trial: Callable[[str, dict[str, Any], float], None] | None = None,
+) -> Row:
+    """Select ``name``'s declared parameters on validation, then merge and evaluate on test."""
+    method = get_method(name)
+    row = Row(name, "method", preset=preset)
+    t_start = time.perf_counter()
+    n = len(suite.tasks)
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        most = "any number" if method.max_models is None else f"at most {method.max_models}"
+        row.status, row.reason = "n/a", f"takes {most} model(s) (min {method.min_models}); this suite has {n}"
+        return row
+    space = {k: v for k, v in method.search.items() if k not in (fixed or {})}
+    scaled = len(space) == 1 and isinstance(next(iter(space.values())), Continuous)
+    scaled = scaled and next(iter(space.values())).scales_update
+    at_one: dict[str, torch.Tensor] | None = None
+    validations: dict[tuple, dict[str, float]] = {}
+
+    def objective(params: dict[str, Any]) -> float:
+        nonlocal at_one
+        if scaled:
+            (key,) = space
+            if at_one is None:
+                at_one = dict(_merge(suite, method, preset, {**params, key: 1.0}, workers))
+            state = _rescaled(suite.base, at_one, params[key])
+        else:
+            state = _merge(suite, method, preset, params, workers)
+        acc = suite.evaluate(state, "validation", suite.names)
+        validations[tuple(sorted(params.items()))] = acc
+        score = mean(acc)
+        if on_trial is not None:
+            on_trial(name, params, score)
+        return score
+
+    try:
+        with suite.test_sealed():
+            result: SearchResult = select(space, objective, budget=budget, fixed=fixed)
+        at_one = None
+        t0 = time.perf_counter()
+        merged = _merge(suite, method, preset, result.params, workers)
+        row.merge_seconds = time.perf_counter() - t0
+        row.test = suite.evaluate(merged, "test", suite.names)
+    except AlloykitError as e:
+        row.status, row.reason = "error", str(e)
+        row.total_seconds = time.perf_counter() - t_start
+        return row
+    row.params = result.params
+    row.search = result.describe()
+    row.trials = [{"params": t.params, "score": t.score} for t in result.trials]
+    row.validation = validations[tuple(sorted(result.params.items()))]
+    row.normalized = normalized(row.test, individual)
+    row.total_seconds = time.perf_counter() - t_start
+    return row
+
+
+def all_methods() -> list[str]:
+    import alloykit.methods  # noqa: F401  (registers the built-in methods)
+    from alloykit.methods.base import REGISTRY
+
+    return sorted(REGISTRY)
