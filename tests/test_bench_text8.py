@@ -79,7 +79,9 @@ def test_smoke_run_every_method(tmp_path, one_thread):
     rows, files = text8.run(SMOKE, tmp_path / "out", encoder=enc, sources=src, cache=tmp_path / "cache",
                             log=logs.append, workers=1)  # fmt: skip
     by = {r.name: r for r in rows}
-    assert set(by) == {"base (pre-trained)", "individual (fine-tuned)", *all_methods()}
+    assert set(by) == {"base (pre-trained)", "individual (fine-tuned)", *all_methods(), *text8.VARIANTS}
+    tuned = by["neuromerging (λ2 tuned)"]
+    assert set(tuned.params) >= {"lambda2", "lambda2_rule"} and tuned.params["lambda2_rule"] == "given"
     assert by["slerp"].status == "n/a"
     assert all(r.status == "ok" for n, r in by.items() if n != "slerp"), [(r.name, r.reason) for r in rows]
     base, ind = by["base (pre-trained)"], by["individual (fine-tuned)"]
@@ -105,6 +107,14 @@ def test_smoke_run_every_method(tmp_path, one_thread):
     for name in ("alpha", "beta"):
         for k, v in again.finetuned[name].items():
             assert torch.equal(v, first.finetuned[name][k])
+    # --resume keeps earlier rows made with the same settings
+    logs.clear()
+    rows2, _ = text8.run(SMOKE, tmp_path / "out", methods=["ties", "linear"], encoder=enc, sources=src,
+                         cache=tmp_path / "cache", log=logs.append, resume=True)  # fmt: skip
+    assert sum("kept from" in line for line in logs) == 2
+    by2 = {r.name: r for r in rows2}
+    assert by2["ties"].test == by["ties"].test and by2["ties"].params == by["ties"].params
+    assert by2["base (pre-trained)"].test == base.test  # references are re-evaluated, identically
     # a changed training setting is a different cache entry
     logs.clear()
     text8.prepare(replace(SMOKE, tasks=("beta",), epochs=1), encoder=enc, sources=src,

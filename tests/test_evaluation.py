@@ -147,12 +147,24 @@ def test_search_declarations_name_declared_parameters():
 )
 def test_declared_scale_parameters_really_scale_the_update(name):
     """θ(v) = θ_0 + v·(θ(1) − θ_0): the harness's merge-once-and-rescale shortcut is exact."""
+    _check_scales_update(name, {}, get_method(name).search)
+
+
+def test_benchmark_variants_really_scale_the_update():
+    from alloykit.bench.text8 import VARIANTS
+
+    for v in VARIANTS.values():
+        _check_scales_update(v.method, v.fixed, v.space)
+
+
+def _check_scales_update(name, fixed, space):
     base = make_base()
     fts = make_finetunes(base, n=3, scale=0.05)
-    (key,) = get_method(name).search
-    at_one = merge_state_dicts(fts, base, name, parameters={key: 1.0})
+    (key,) = space
+    assert space[key].scales_update
+    at_one = merge_state_dicts(fts, base, name, parameters={**fixed, key: 1.0})
     for v in (0.3, 2.5):
-        got = merge_state_dicts(fts, base, name, parameters={key: v})
+        got = merge_state_dicts(fts, base, name, parameters={**fixed, key: v})
         for k in base:
             want = base[k] + v * (at_one[k] - base[k])
             torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=f"{name} {k} at {key}={v}")

@@ -27,8 +27,29 @@ from alloykit.bench.encoder import SentenceEncoder, fine_tune, predict, prototyp
 from alloykit.bench.sources import TEXT8, DataMissingError, Labelled
 from alloykit.evaluation.metrics import accuracy
 from alloykit.evaluation.tasks import Task, make_splits
+from alloykit.methods.base import Continuous, Grid, get_method
 
 CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method run with some parameters set and its own search space (an extra table row)."""
+
+    method: str
+    fixed: dict[str, Any]
+    space: dict[str, Continuous | Grid]
+
+
+# NeuroMerging's λ2 comes from its data-free σ rule by default; with validation data, as every
+# other method here gets, λ2 is a final scale of the update (λ1 = 0), tuned like TIES's λ.
+VARIANTS: dict[str, Variant] = {
+    "neuromerging (λ2 tuned)": Variant(
+        "neuromerging",
+        {"lambda2_rule": "given"},
+        {"lambda2": Continuous(0.0, 4.0, grid=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0), scales_update=True)},
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -241,12 +262,29 @@ def run(
     workers: int | None = None,
     log: Callable[[str], None] = print,
     title: str = "text-8 benchmark",
+    resume: bool = False,
 ) -> tuple[list[Any], dict[str, Path]]:
-    """Prepare, evaluate references, run every method (or ``methods``), write the report."""
-    from alloykit.evaluation.harness import Suite, all_methods, reference_rows, run_method
+    """Prepare, evaluate references, run every method and variant (or ``methods``), write the report.
+
+    With ``resume``, rows of an earlier ``results.json`` in ``out`` made with the same settings
+    are kept instead of re-run (the references are always re-evaluated).
+    """
+    from alloykit.evaluation.harness import Row, Suite, all_methods, reference_rows, run_method
+    from alloykit.evaluation.metrics import normalized
     from alloykit.evaluation.report import task_vector_cosines, write_report
 
-    names = list(methods) if methods else all_methods()
+    names = list(methods) if methods else [*all_methods(), *VARIANTS]
+    for name in names:
+        if name not in VARIANTS:
+            get_method(name)  # an unknown name fails now, not after the fine-tunes
+    earlier: dict[str, dict[str, Any]] = {}
+    previous = Path(out) / "results.json"
+    if resume and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("settings") == settings_json(settings):
+            earlier = {r["name"]: r for r in old["rows"] if r["kind"] == "method" and r["status"] == "ok"}
+        else:
+            log(f"  {previous}: made with other settings; nothing reused")
     t_start = now()
     cached = (
         sum(1 for _ in (cache or cache_home()).glob("*.safetensors"))
@@ -273,8 +311,26 @@ def run(
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in params.items()}
             log(f"      {method} {shown}: validation {100 * score:.2f} %")
 
+        if name in earlier:
+            keep = {k: v for k, v in earlier[name].items() if k not in ("mean_test", "mean_normalized")}
+            row = Row(**keep)
+            row.normalized = normalized(row.test, ind_row.test)
+            rows.append(row)
+            log(f"  [{i}/{len(names)}] {name}: kept from {previous}")
+            continue
         log(f"  [{i}/{len(names)}] {name}")
-        row = run_method(suite, name, ind_row.test, budget=settings.budget, workers=workers, on_trial=trial)
+        v = VARIANTS.get(name)
+        row = run_method(
+            suite,
+            v.method if v else name,
+            ind_row.test,
+            budget=settings.budget,
+            workers=workers,
+            on_trial=trial,
+            fixed=v.fixed if v else None,
+            space=v.space if v else None,
+            label=name,
+        )
         rows.append(row)
         if row.status == "ok":
             log(

@@ -252,6 +252,9 @@ def bench_text8(
     budget: Annotated[int | None, typer.Option(help="evaluations per golden-section search")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all 8)")] = None,
     workers: Annotated[int | None, typer.Option(help="merge workers")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="keep the rows of OUT/results.json made with the same settings")
+    ] = False,
 ) -> None:
     """Fine-tune (cached), merge with every method, select on validation, report on test."""
     from dataclasses import replace
@@ -266,7 +269,7 @@ def bench_text8(
         settings = replace(settings, tasks=tuple(t.strip() for t in tasks.split(",")))
     names = [m.strip() for m in methods.split(",")] if methods else None
     try:
-        rows, files = text8.run(settings, out, methods=names, workers=workers, log=_log)
+        rows, files = text8.run(settings, out, methods=names, workers=workers, log=_log, resume=resume)
     except (AlloykitError, ValueError) as e:
         _fail(e)
     Console().print(summary_table(rows))

@@ -28,7 +28,7 @@ from alloykit.errors import AlloykitError
 from alloykit.evaluation.metrics import mean, normalized
 from alloykit.evaluation.search import SearchResult, select
 from alloykit.evaluation.tasks import Task
-from alloykit.methods.base import Continuous, MergeMethod, get_method
+from alloykit.methods.base import Continuous, MergeMethod, SearchSpace, get_method
 
 StateDict = Mapping[str, torch.Tensor]
 Evaluate = Callable[[StateDict, str, Sequence[str]], dict[str, float]]
@@ -139,17 +139,24 @@ def run_method(
     budget: int = 8,
     workers: int | None = None,
     on_trial: Callable[[str, dict[str, Any], float], None] | None = None,
+    space: SearchSpace | None = None,
+    label: str | None = None,
 ) -> Row:
-    """Select ``name``'s declared parameters on validation, then merge and evaluate on test."""
+    """Select ``name``'s declared parameters on validation, then merge and evaluate on test.
+
+    ``fixed`` parameters are set, not searched; ``space`` replaces the method's declared search
+    space (a variant, reported as ``label``).
+    """
     method = get_method(name)
-    row = Row(name, "method", preset=preset)
+    row = Row(label or name, "method", preset=preset)
     t_start = time.perf_counter()
     n = len(suite.tasks)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "any number" if method.max_models is None else f"at most {method.max_models}"
         row.status, row.reason = "n/a", f"takes {most} model(s) (min {method.min_models}); this suite has {n}"
         return row
-    space = {k: v for k, v in method.search.items() if k not in (fixed or {})}
+    declared = method.search if space is None else space
+    space = {k: v for k, v in declared.items() if k not in (fixed or {})}
     scaled = len(space) == 1 and isinstance(next(iter(space.values())), Continuous)
     scaled = scaled and next(iter(space.values())).scales_update
     at_one: dict[str, torch.Tensor] | None = None
@@ -168,7 +175,7 @@ def run_method(
         validations[tuple(sorted(params.items()))] = acc
         score = mean(acc)
         if on_trial is not None:
-            on_trial(name, params, score)
+            on_trial(row.name, params, score)
         return score
 
     try:
