@@ -271,3 +271,17 @@ def test_cosines_and_report(tmp_path):
     ):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown(rows, suite.names, "t").count("\n| ") >= 3
+
+
+def test_harness_fixed_parameters_and_space_override():
+    suite = _toy_suite([])
+    # a list is a layer gradient (mergekit's rule); constant here, so weight 0.5 everywhere
+    row = run_method(
+        suite, "task_arithmetic", {"a": 0.9, "b": 0.9}, fixed={"weight": [0.5, 0.5]},
+        space={"lambda": Grid((0.5, 1.0))}, label="ta (grid)",
+    )  # fmt: skip
+    assert row.name == "ta (grid)" and row.status == "ok" and len(row.trials) == 2
+    # w = λ·0.5·(1, 1); validation peaks at 0.5 per coordinate → λ = 1
+    assert row.params == {"weight": [0.5, 0.5], "lambda": 1.0}
+    assert [t["score"] for t in row.trials] == pytest.approx([0.95, 1.0])
+    assert row.test == pytest.approx({"a": 0.8, "b": 0.8})

@@ -281,7 +281,7 @@ def run(
     previous = Path(out) / "results.json"
     if resume and previous.exists():
         old = json.loads(previous.read_text())
-        if old.get("settings") == settings_json(settings):
+        if old.get("settings") == json.loads(json.dumps(settings_json(settings))):
             earlier = {r["name"]: r for r in old["rows"] if r["kind"] == "method" and r["status"] == "ok"}
         else:
             log(f"  {previous}: made with other settings; nothing reused")
@@ -361,5 +361,11 @@ def run(
         f"golden-section budget {settings.budget}. "
         f"Wall time {meta['wall_seconds'] / 60:.1f} min.",
     ]
+    kept = [r.name for r in rows if r.name in earlier]
+    if kept:
+        meta["kept_rows"] = kept
+        notes.append(
+            f"{len(kept)} rows kept from an earlier run with the same settings (--resume): {', '.join(kept)}."
+        )
     files = write_report(out, rows, suite.names, title=title, meta=meta, cosines=cos, notes=notes)
     return rows, files

@@ -16,6 +16,7 @@ the method itself).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -129,6 +130,10 @@ def _rescaled(base: StateDict, merged: StateDict, value: float) -> dict[str, tor
     return out
 
 
+def _key(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
 def run_method(
     suite: Suite,
     name: str,
@@ -160,7 +165,7 @@ def run_method(
     scaled = len(space) == 1 and isinstance(next(iter(space.values())), Continuous)
     scaled = scaled and next(iter(space.values())).scales_update
     at_one: dict[str, torch.Tensor] | None = None
-    validations: dict[tuple, dict[str, float]] = {}
+    validations: dict[str, dict[str, float]] = {}
 
     def objective(params: dict[str, Any]) -> float:
         nonlocal at_one
@@ -172,7 +177,7 @@ def run_method(
         else:
             state = _merge(suite, method, preset, params, workers)
         acc = suite.evaluate(state, "validation", suite.names)
-        validations[tuple(sorted(params.items()))] = acc
+        validations[_key(params)] = acc
         score = mean(acc)
         if on_trial is not None:
             on_trial(row.name, params, score)
@@ -193,7 +198,7 @@ def run_method(
     row.params = result.params
     row.search = result.describe()
     row.trials = [{"params": t.params, "score": t.score} for t in result.trials]
-    row.validation = validations[tuple(sorted(result.params.items()))]
+    row.validation = validations[_key(result.params)]
     row.normalized = normalized(row.test, individual)
     row.total_seconds = time.perf_counter() - t_start
     return row

@@ -14,6 +14,9 @@ A method is declared with :func:`merge_method`::
 * Every declared :class:`Param` arrives as a keyword (``lambda`` as ``lambda_``); per-model
   parameters arrive as lists aligned with ``tensors``.
 
+* ``search`` (optional) declares what users tune on validation data (``Continuous`` or ``Grid``
+  per parameter); ``alloykit.evaluation`` searches it, so a new method joins the benchmarks as is.
+
 A method never opens a file; the engine never names a method.
 """
 
