@@ -111,15 +111,45 @@ def test_smoke_run_every_method(tmp_path, one_thread):
     logs.clear()
     rows2, _ = text8.run(SMOKE, tmp_path / "out", methods=["ties", "linear"], encoder=enc, sources=src,
                          cache=tmp_path / "cache", log=logs.append, resume=True)  # fmt: skip
-    assert sum("kept from" in line for line in logs) == 2
+    ok_methods = [r.name for r in rows if r.kind == "method" and r.status in ("ok", "n/a")]
+    assert sum("kept from" in line for line in logs) == len(ok_methods)
+    assert any("ties: kept from" in line for line in logs)
     by2 = {r.name: r for r in rows2}
     assert by2["ties"].test == by["ties"].test and by2["ties"].params == by["ties"].params
+    assert by2["ties"].total_seconds == by["ties"].total_seconds  # kept, not re-run (timings differ)
+    assert set(by2) == set(by)  # rows of methods not asked for this time stay in the report
+    assert json.loads(files["results"].read_text())["complete"] is True
     assert by2["base (pre-trained)"].test == base.test  # references are re-evaluated, identically
-    # a changed training setting is a different cache entry
+    # every training setting (and the data) is part of the cache key; the search budget is not
+    beta = replace(SMOKE, tasks=("beta",))
+    changes = [dict(epochs=1), dict(lr=1e-3), dict(shots=3), dict(scale=10.0), dict(seed=1), dict(max_len=12),
+               dict(weight_decay=0.0), dict(batch_size=8), dict(n_test=60)]  # fmt: skip
+    for change in changes:
+        logs.clear()
+        text8.prepare(
+            replace(beta, **change), encoder=enc, sources=src, cache=tmp_path / "cache", log=logs.append
+        )
+        assert not any("from cache" in line for line in logs), change
     logs.clear()
-    text8.prepare(replace(SMOKE, tasks=("beta",), epochs=1), encoder=enc, sources=src,
-                  cache=tmp_path / "cache", log=logs.append)  # fmt: skip
-    assert not any("from cache" in line for line in logs)
+    text8.prepare(
+        replace(beta, budget=7), encoder=enc, sources=src, cache=tmp_path / "cache", log=logs.append
+    )
+    assert any("from cache" in line for line in logs)
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    for bad, message in [
+        (dict(budget=1), "budget must be at least 2"),
+        (dict(n_test=0), "n_test must be at least 1"),
+        (dict(lr=0.0), "lr and scale must be > 0"),
+        (dict(tasks=("a", "a")), "without repeats"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            replace(SMOKE, **bad)
+    with pytest.raises(ValueError, match="listed twice"):
+        text8.run(SMOKE, tmp_path / "o", methods=["ties", "ties"], sources={}, log=lambda s: None)
+    with pytest.raises(Exception, match="unknown method 'nope'"):
+        text8.run(SMOKE, tmp_path / "o", methods=["nope"], sources={}, log=lambda s: None)
 
 
 def test_prototype_head_by_hand():

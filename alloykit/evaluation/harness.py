@@ -191,8 +191,9 @@ def run_method(
         merged = _merge(suite, method, preset, result.params, workers)
         row.merge_seconds = time.perf_counter() - t0
         row.test = suite.evaluate(merged, "test", suite.names)
-    except AlloykitError as e:
-        row.status, row.reason = "error", str(e)
+    except Exception as e:  # one failing method must not end a long benchmark run
+        row.status = "error"
+        row.reason = str(e) if isinstance(e, AlloykitError) else f"{type(e).__name__}: {e}"
         row.total_seconds = time.perf_counter() - t_start
         return row
     row.params = result.params

@@ -68,7 +68,8 @@ def markdown(rows: Sequence[Row], tasks: Sequence[str], title: str, notes: Seque
         )
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.name} | – | – | {r.status}: {r.reason} | | |")
+            reason = " ".join(r.reason.split()).replace("|", "\\|")  # one table cell
+            lines.append(f"| {r.name} | – | – | {r.status}: {reason} | | |")
     for label, attr in (
         ("Absolute test accuracy (%) per task", "test"),
         ("Normalized accuracy (%) per task", "normalized"),
@@ -137,7 +138,7 @@ def plots(
     ax.barh([r.name for r in bars], score, color=colors)
     for i, v in enumerate(score):
         ax.text(v + 0.3, i, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_xlim(max(0, min(score) - 5), 105)
+    ax.set_xlim(max(0, min(score) - 5), max(105, max(score) + 5))
     ax.set_xlabel("mean normalized accuracy (%)")
     ax.set_title("Ranking (test)")
     save(fig, "normalized_ranking.png")
