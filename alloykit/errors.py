@@ -27,3 +27,7 @@ class NonFiniteError(AlloykitError):
 
 class OutputExistsError(AlloykitError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class MissingDependencyError(AlloykitError, ImportError):
+    """An optional library a feature needs is not installed; the message says what to install."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import replace
 
 import pytest
@@ -241,3 +242,22 @@ def test_cli_reports_missing_data(monkeypatch, tmp_path):
     assert not (tmp_path / "o").exists()
     r = runner.invoke(app, ["bench", "text-8", "--tasks", "nope", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown task(s) ['nope']" in r.output
+
+
+def test_table_and_results_come_before_the_plots_and_survive_a_missing_matplotlib(
+    tmp_path, one_thread, monkeypatch
+):
+    load_a, vocab_a = _word_task("a", 4, 1)
+    load_b, vocab_b = _word_task("b", 3, 2)
+    enc = _tiny_encoder(sorted(set(vocab_a + vocab_b)))
+    events: list[str] = []
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    rows, files = text8.run(SMOKE, tmp_path / "out", methods=["linear"], encoder=enc,
+                            sources={"alpha": load_a, "beta": load_b}, cache=tmp_path / "cache",
+                            log=events.append,
+                            on_table=lambda rows: events.append(f"table {len(rows)}"))  # fmt: skip
+    table = events.index("table 3")
+    plots = next(i for i, e in enumerate(events) if "alloykit[report]" in e)
+    assert table < plots
+    assert json.loads(files["results"].read_text())["complete"] is True
+    assert "| linear |" in files["report"].read_text() and not list((tmp_path / "out").glob("*.png"))

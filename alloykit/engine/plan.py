@@ -90,6 +90,25 @@ class MergePlan:
         merged = sum(j.read_bytes for j in self.jobs if j.merge)
         return sum(j.read_bytes for j in self.jobs) + self.reduction_passes * merged
 
+    def parameters_used(self) -> dict[str, Any]:
+        """The values the method receives: one value for a parameter that is the same for every
+        merged tensor, else ``{"by_tensor": {name: value}}`` (conditions and gradients)."""
+        by_tensor: dict[str, dict[str, Any]] = {}
+        for j in self.jobs:
+            if j.merge and j.name not in by_tensor:
+                by_tensor[j.name] = j.params
+        declared = {p.py_name: p.name for p in self.spec.method.params}  # lambda_ -> lambda
+        out: dict[str, Any] = {}
+        for key, default in self.global_params.items():
+            values = {name: p[key] for name, p in by_tensor.items()}
+            distinct = {repr(v) for v in values.values()}
+            name = declared.get(key, key)
+            if len(distinct) > 1:
+                out[name] = {"by_tensor": values}
+            else:
+                out[name] = next(iter(values.values())) if values else default
+        return out
+
     def peak_estimate(self, workers: int, max_bytes: int | None) -> int:
         costs = sorted((j.cost for j in self.jobs), reverse=True)
         if not costs:
@@ -169,7 +188,17 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                 f"{len(dropped)} tensors not held by every model are left out, e.g. {sorted(dropped)[:3]}"
             )
     elif spec.keys == "union":
-        names = set.union(*key_sets)
+        # The output keeps the architecture of the reference (the base, else the first model):
+        # a tensor some models lack is merged from those that have it; a tensor the reference
+        # lacks (an adapter's lora_A, a head of another task) is left out, never written.
+        names = set(reference)
+        dropped = set.union(*key_sets) - names
+        if dropped:
+            holders = sorted({r.label for r, ks in zip(readers, key_sets, strict=True) if ks - names})
+            warnings.append(
+                f"{len(dropped)} tensors that {ref_label} does not have are left out (held by "
+                f"{', '.join(holders)}), e.g. {sorted(dropped)[:3]}"
+            )
     else:
         raise ParameterError(f"keys={spec.keys!r} is not allowed; expected strict, union or intersection")
     ordered = sorted(names, key=_natural_key)
@@ -221,7 +250,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             split = method.is_elementwise(params)
         else:
             params = {}
-            readers_used = 1
+            readers_used = len(holders)  # every copy is read: digests, non-float agreement
             per_elem = 0
             split = True  # a copy is elementwise
         per_elem += readers_used * src_meta.dtype.itemsize + out_dtype.itemsize
@@ -245,4 +274,28 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                 )
             )
     passes = method.reduction.passes(global_resolved) if method.reduction else 0
+    if passes:
+        _refuse_per_tensor_values(method, global_resolved, jobs)
+    if method.ignores is not None:
+        given = set(spec.global_params).union(*(set(p) for p in model_params))
+        for pname, why in method.ignores(global_resolved).items():
+            if pname in given:
+                warnings.append(f"{method.name}: parameter {pname!r} has no effect: {why}")
     return MergePlan(spec, jobs, passes, global_resolved, warnings)
+
+
+def _refuse_per_tensor_values(
+    method: MergeMethod, global_resolved: dict[str, Any], jobs: list[TensorJob]
+) -> None:
+    """A parameter a whole-model statistic reads once cannot take a per-tensor value (a
+    condition or a gradient): the statistic would silently use the model-wide one."""
+    model_wide = getattr(method.reduction, "model_wide", None)
+    wide = model_wide(global_resolved) if model_wide is not None else {}
+    for pname, hint in wide.items():
+        key = method.param(pname).py_name
+        for job in jobs:
+            if job.merge and job.params[key] != global_resolved[key]:
+                raise ParameterError(
+                    f"{method.name}: parameter {pname!r} is {job.params[key]} for tensor {job.name!r} "
+                    f"but {global_resolved[key]} for the model as a whole: {hint}"
+                )

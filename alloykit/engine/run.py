@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -52,10 +53,45 @@ class MergeReport:
     peak_rss: int = 0
     baseline_rss: int = 0
     workers: int = 1
+    copied: int = 0  # tensors copied from one input rather than merged
     relative_delta_norm: dict[str, float] = field(default_factory=dict)
+    # Per input (models in order, then the base): sha256 of the bytes the merge read.
+    digests: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Everything but the digests (the provenance lists those with each input)."""
+        return {k: v for k, v in self.__dict__.items() if k != "digests"}
+
+
+class InputDigests:
+    """A content digest of each input, from the bytes the merge reads anyway.
+
+    Every slice a job reads is hashed (sha256) as it comes from the reader, before any cast;
+    at the end an input's digest is the sha256 of its sorted ``name, start, length, dtype,
+    slice digest`` lines. It identifies the weights whatever order the workers ran in; it
+    depends on the plan's slicing (``chunk_elements``, fixed by default), not on the files'
+    layout (shards, header order)."""
+
+    def __init__(self, n_inputs: int):
+        self._parts: list[dict[tuple[str, int], tuple[int, str, str]]] = [{} for _ in range(n_inputs)]
+        self._lock = threading.Lock()
+
+    def add(self, index: int, job: TensorJob, raw: torch.Tensor) -> None:
+        data = raw.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.sha256(memoryview(data)).hexdigest()  # releases the GIL on large data
+        with self._lock:
+            self._parts[index][(job.name, job.start)] = (raw.numel(), str(raw.dtype), digest)
+
+    def combined(self) -> list[dict[str, Any]]:
+        out = []
+        for parts in self._parts:
+            h = hashlib.sha256()
+            size = 0
+            for (name, start), (numel, dtype, digest) in sorted(parts.items()):
+                h.update(f"{name}\0{start}\0{numel}\0{dtype}\0{digest}\n".encode())
+                size += numel * getattr(torch, dtype.removeprefix("torch.")).itemsize
+            out.append({"sha256": h.hexdigest(), "tensors": len({n for n, _ in parts}), "bytes_hashed": size})
+        return out
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -65,7 +101,12 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _read(
-    plan: MergePlan, index: int, job: TensorJob, dtype: torch.dtype | None, check: bool = True
+    plan: MergePlan,
+    index: int,
+    job: TensorJob,
+    dtype: torch.dtype | None,
+    check: bool = True,
+    digests: InputDigests | None = None,
 ) -> torch.Tensor:
     """One input of a job (the whole tensor, or its slice), checked finite, in ``dtype``."""
     spec = plan.spec
@@ -74,6 +115,8 @@ def _read(
         t = reader.read(job.name)
     else:
         t = reader.read_range(job.name, job.start, job.length)
+    if digests is not None:
+        digests.add(index, job, t)
     if dtype is not None and t.is_floating_point() and dtype.itemsize >= t.dtype.itemsize:
         t = t.to(dtype)  # widening first: the check below then runs on the (faster) float32 copy
     if check and spec.check_finite and t.is_floating_point() and not _all_finite(t):
@@ -87,13 +130,34 @@ def _read(
 
 
 def _inputs(
-    plan: MergePlan, job: TensorJob, check: bool = True
+    plan: MergePlan, job: TensorJob, check: bool = True, digests: InputDigests | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     spec = plan.spec
     dtype = job.compute_dtype
-    tensors = [_read(plan, i, job, dtype, check) for i in job.sources]
-    base = _read(plan, len(spec.models), job, dtype, check) if spec.base is not None else None
+    tensors = [_read(plan, i, job, dtype, check, digests) for i in job.sources]
+    base = _read(plan, len(spec.models), job, dtype, check, digests) if spec.base is not None else None
     return tensors, base
+
+
+def _copy(plan: MergePlan, job: TensorJob, digests: InputDigests | None) -> torch.Tensor:
+    """A tensor that is not merged: taken from ``job.copy_from``. The other inputs' copies are
+    read too, for their digests and because a non-float tensor (positions, masks, counters)
+    that differs between models cannot be merged and must not be silently picked."""
+    chosen = _read(plan, job.copy_from, job, None, digests=digests)
+    # copy_from is the base when it holds the tensor (then every source is another holder),
+    # else the first source (and the base does not hold it).
+    for i in job.sources:
+        if i == job.copy_from:
+            continue
+        other = _read(plan, i, job, None, check=False, digests=digests)
+        if not chosen.is_floating_point() and not torch.equal(other, chosen):
+            readers = [*plan.spec.models, plan.spec.base]
+            raise MismatchError(
+                f"tensor {job.name!r} ({chosen.dtype}, not a float tensor, so it cannot be merged) "
+                f"differs between {readers[job.copy_from].label} and {readers[i].label}; give models "
+                "whose non-float tensors agree, or exclude it and fix it in the output by hand"
+            )
+    return chosen
 
 
 def _context(spec: Any, job: TensorJob, state: Any) -> TensorContext:
@@ -107,8 +171,10 @@ def run_plan(
     workers: int | None = None,
     max_bytes: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    digest: bool = True,
 ) -> MergeReport:
-    """Execute ``plan`` into ``sink``; returns timings, bytes and the measured peak RSS."""
+    """Execute ``plan`` into ``sink``; returns timings, bytes, the measured peak RSS and (with
+    ``digest``) a content digest of every input (:class:`InputDigests`)."""
     spec = plan.spec
     method = spec.method
     tune_allocator()
@@ -121,6 +187,8 @@ def run_plan(
     )
     merged_jobs = [j for j in plan.jobs if j.merge]
     n_models = len(spec.models)
+    digests = InputDigests(n_models + 1) if digest else None
+    report.copied = report.tensors - report.merged
     sq_delta = [0.0] * n_models
     sq_base = [0.0]
     t0 = time.perf_counter()
@@ -144,10 +212,10 @@ def run_plan(
         def merge_one(job: TensorJob) -> tuple[list[float], float]:
             start = None if job.length is None else job.start
             if not job.merge:
-                t = _read(plan, job.copy_from, job, None)
+                t = _copy(plan, job, digests)
                 sink.write(job.name, t.to(job.out.dtype), start)
                 return [], 0.0
-            tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0)
+            tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
             merged = method.fn(tensors, base, _context(spec, job, state), **job.params)
             expected = job.out.shape if job.length is None else (job.length,)
             if tuple(merged.shape) != expected:
@@ -176,6 +244,8 @@ def run_plan(
                     sq_delta[k] += v
         report.bytes_read += sum(j.read_bytes for j in plan.jobs)
         report.bytes_written = plan.write_bytes
+        if digests is not None:
+            report.digests = digests.combined()
     report.seconds = time.perf_counter() - t0
     report.peak_rss = rss.peak
     report.baseline_rss = rss.baseline

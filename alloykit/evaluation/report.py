@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alloykit.errors import MissingDependencyError
 from alloykit.evaluation.harness import Row
 
 
@@ -102,10 +103,18 @@ def _annotated_heatmap(plt, values, cols, rows, *, fmt, dark_below, size, title,
     return fig
 
 
+PLOTS_NEED = "plots need matplotlib: pip install 'alloykit[report]'"
+
+
 def plots(
     out: Path, rows: Sequence[Row], tasks: Sequence[str], cosines: tuple[list[str], list[list[float]]] | None
 ) -> list[str]:
-    import matplotlib
+    """Draw the report's PNG plots into ``out``; returns their file names. Raises
+    :class:`MissingDependencyError` (saying what to install) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(PLOTS_NEED) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,8 +192,12 @@ def write_report(
     meta: Mapping[str, Any],
     cosines: tuple[list[str], list[list[float]]] | None = None,
     notes: Sequence[str] = (),
+    draw: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``report.md`` and the plots into folder ``out``."""
+    """Write ``results.json`` and ``report.md`` into folder ``out``, then (with ``draw``) the
+    plots, linked from ``report.md``. The results are on disk before anything is drawn: a plot
+    that cannot be drawn (matplotlib missing) is reported through ``log`` and loses nothing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -194,11 +207,37 @@ def write_report(
         "task_vector_cosine": {"tasks": cosines[0], "matrix": cosines[1]} if cosines else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    written = plots(out, rows, tasks, cosines)
     md = markdown(rows, tasks, title, notes)
-    md += "\n" + "\n".join(f"![{name}]({name})" for name in written) + "\n"
     (out / "report.md").write_text(md)
-    return {"results": out / "results.json", "report": out / "report.md", **{n: out / n for n in written}}
+    files = {"results": out / "results.json", "report": out / "report.md"}
+    if draw:
+        files.update(draw_plots(out, rows, tasks, cosines, log=log))
+    return files
+
+
+def draw_plots(
+    out: str | os.PathLike,
+    rows: Sequence[Row],
+    tasks: Sequence[str],
+    cosines: tuple[list[str], list[list[float]]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """Draw the plots into ``out`` and link them from its ``report.md``. Without matplotlib:
+    says what to install through ``log`` (raises when no ``log`` is given) and draws nothing."""
+    out = Path(out)
+    try:
+        written = plots(out, rows, tasks, cosines)
+    except MissingDependencyError as e:
+        if log is None:
+            raise
+        log(f"  {e}; the results are in {out / 'results.json'} and {out / 'report.md'}")
+        return {}
+    report = out / "report.md"
+    if report.exists():
+        md = report.read_text()
+        md += "\n" + "\n".join(f"![{name}]({name})" for name in written) + "\n"
+        report.write_text(md)
+    return {n: out / n for n in written}
 
 
 def summary_table(rows: Sequence[Row]):

@@ -12,7 +12,6 @@ also turns corrupt and truncated files into clear errors before any merging star
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -111,7 +110,6 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.header_sha256 = hashlib.sha256(raw).hexdigest()
         self.size = size
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
@@ -213,11 +211,10 @@ class SafetensorsReader:
         return self._where[name].read_range(name, start, length)
 
     def fingerprint(self) -> dict:
+        # Names and sizes only: the engine adds a digest of the tensors' bytes as it reads them.
         return {
             "format": "safetensors",
-            "files": [
-                {"name": f.path.name, "bytes": f.size, "header_sha256": f.header_sha256} for f in self._files
-            ],
+            "files": [{"name": f.path.name, "bytes": f.size} for f in self._files],
         }
 
 
@@ -310,6 +307,22 @@ def _index_files(index: Path) -> list[Path]:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+def _refuse_adapter(path: Path) -> None:
+    """A PEFT adapter folder (``adapter_config.json``) holds lora_A/lora_B factors, not a model:
+    merging it as one would write factors into the output. Refused until adapters are inputs."""
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "adapter_config.json").is_file():
+        return
+    if path.is_file() and not path.name.startswith("adapter_model"):
+        return  # a model file that merely sits beside an adapter
+    raise CheckpointError(
+        f"{path}: this is a PEFT adapter (adapter_config.json with LoRA factors), not a model; "
+        "alloykit cannot merge adapters yet. Merge it into its base first (peft: "
+        "PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and "
+        "give that folder instead."
+    )
+
+
 def open_checkpoint(source: object, label: str | None = None) -> CheckpointReader:
     """Open a checkpoint lazily.
 
@@ -332,6 +345,7 @@ def open_checkpoint(source: object, label: str | None = None) -> CheckpointReade
         )
     path = Path(source)
     label = label or str(source)
+    _refuse_adapter(path)
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsReader([path], label, path.parent)

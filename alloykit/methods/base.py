@@ -172,6 +172,10 @@ class Reduction(Protocol):
     def fold(self, index: int, acc: Any, partial: Any) -> Any: ...
     def finish(self, index: int, state: Any, acc: Any, params: dict[str, Any]) -> Any: ...
 
+    # Optional: ``model_wide(params) -> {parameter: hint}`` names the parameters that ``finish``
+    # reads once for the whole model with these settings. The planner refuses a per-tensor
+    # value (a condition or a gradient) for them, with the hint saying which option honours it.
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -192,6 +196,9 @@ class MergeMethod:
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
     # What users tune on validation data (evaluation.search reads it); empty: nothing to tune.
     search: SearchSpace = field(default_factory=dict)
+    # ``ignores(params) -> {parameter: why}``: parameters that have no effect with these resolved
+    # parameters; a user who sets one gets a warning in the plan and report.
+    ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -333,6 +340,7 @@ def merge_method(
     memory_factor: float = 3.0,
     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
     search: SearchSpace | None = None,
+    ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -352,6 +360,7 @@ def merge_method(
             memory_factor,
             elementwise,
             dict(search or {}),
+            ignores,
         )
         for values in m.presets.values():
             for k in values:

@@ -63,7 +63,10 @@ class ConsensusStats(ModelTopK):
     thresholds, then the sum of elected signs); none with ``combine="ta"``."""
 
     def __init__(self) -> None:
-        super().__init__(elected_sign=_elected)
+        super().__init__(
+            elected_sign=_elected,
+            wide={"density": "combine: ties trims each task vector over the whole model, with one density"},
+        )
 
     def _threshold_passes(self, params: dict[str, Any]) -> int:
         return 2 if params["combine"] == "ties" else 0

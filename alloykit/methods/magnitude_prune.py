@@ -13,6 +13,7 @@ from alloykit.methods.primitives import (
     elect_and_combine,
     scale_search,
     stack_weights,
+    topk_rule_ignored,
     trim_task_vectors,
     trims_elementwise,
 )
@@ -54,6 +55,7 @@ from alloykit.methods.primitives import (
     reduction=ModelTopK(),
     memory_factor=3.0,
     elementwise=trims_elementwise,
+    ignores=topk_rule_ignored,
 )
 def magnitude_prune(
     tensors: list[torch.Tensor],

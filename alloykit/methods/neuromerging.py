@@ -177,6 +177,7 @@ def sigma_lambda2(removed_l1: list[float]) -> float:
         active=lambda p: p["mask_rate"] > 0,
         approximate=lambda p: p["threshold"] == "approximate",
         l1=True,
+        wide={"mask_rate": "the magnitude mask keeps one fraction of each task vector over the whole model"},
     ),
     memory_factor=6.0,
 )

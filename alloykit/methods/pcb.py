@@ -110,6 +110,15 @@ class PCBStats:
     def passes(self, params: dict[str, Any]) -> int:
         return 4 if params["scope"] == "model" else 0
 
+    def model_wide(self, params: dict[str, Any]) -> dict[str, str]:
+        if params["scope"] != "model":
+            return {}
+        hint = (
+            "scope: model takes one value per task over the whole model; "
+            "set scope: tensor for per-tensor values"
+        )
+        return {"density": hint, "clip": hint}
+
     def map(
         self,
         index: int,

@@ -34,6 +34,19 @@ def trims_elementwise(params: dict[str, Any]) -> bool:
     )
 
 
+WHOLE_MODEL_DENSITY = (
+    "the whole-model trim (topk: model, the paper preset) keeps one density per model; set "
+    "topk: tensor (as the mergekit preset does) to trim each tensor with its own density"
+)
+
+
+def topk_rule_ignored(params: dict[str, Any]) -> dict[str, str]:
+    """``topk_rule`` only chooses the per-tensor trim; the whole-model one follows the reference."""
+    if params["topk"] == "model":
+        return {"topk_rule": "with topk: model the threshold is the reference code's kthvalue rule"}
+    return {}
+
+
 def density_param(default: float, help: str) -> Param:
     return Param("density", float, default, per_model=True, ge=0.0, le=1.0, help=help)
 
@@ -193,6 +206,8 @@ class ModelTopK:
     * ``elected_sign(tensors, base, state, params)``: for methods that elect signs and want the
       TIES reference code's model-wide fallback for a zero elected sign; adds one pass that sums
       the elected signs over the model (``state["majority_sign"]``).
+    * ``wide``: {parameter: hint} read once per model by ``rank`` (default: ``density``); a
+      per-tensor value for them is refused by the planner (see :meth:`model_wide`).
     """
 
     def __init__(
@@ -202,12 +217,17 @@ class ModelTopK:
         active: Any = None,
         approximate: Any = None,
         l1: bool = False,
+        wide: dict[str, str] | None = None,
     ):
         self.elected_sign = elected_sign
         self.rank = rank
         self.active = active or (lambda p: p.get("topk") == "model")
         self.approximate = approximate or (lambda p: False)
         self.l1 = l1
+        self.wide = wide if wide is not None else {"density": WHOLE_MODEL_DENSITY}
+
+    def model_wide(self, params: dict[str, Any]) -> dict[str, str]:
+        return dict(self.wide) if self._threshold_passes(params) else {}
 
     def _threshold_passes(self, params: dict[str, Any]) -> int:
         if not self.active(params):

@@ -15,6 +15,7 @@ from alloykit.methods.primitives import (
     elect_and_combine,
     scale_search,
     stack_weights,
+    topk_rule_ignored,
     trim_task_vectors,
     trims_elementwise,
 )
@@ -109,6 +110,7 @@ MERGEKIT = {
     reduction=ModelTopK(elected_sign=_elected),
     memory_factor=4.0,
     elementwise=trims_elementwise,
+    ignores=topk_rule_ignored,
 )
 def ties(
     tensors: list[torch.Tensor],
