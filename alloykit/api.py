@@ -15,8 +15,12 @@ import yaml
 
 from alloykit.dtypes import dtype_name, parse_dtype
 from alloykit.engine import DictSink, MergePlan, MergeReport, MergeSpec, plan_merge, run_plan
+from alloykit.engine.executor import DEFAULT_THREADS
+from alloykit.errors import ParameterError
 from alloykit.io import StreamingWriter, open_checkpoint, parse_size
+from alloykit.io.paths import check_output_location, resolved
 from alloykit.io.readers import CheckpointReader
+from alloykit.io.writer import validate_companions
 from alloykit.methods import get_method
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
@@ -33,6 +37,72 @@ class MergeResult:
 
 def _label(src: Source, i: int) -> str:
     return str(src) if isinstance(src, str | os.PathLike) else f"model_{i}"
+
+
+def _identity(src: Source) -> Any:
+    """What makes two inputs the same input: the resolved path, or the very same object."""
+    return ("path", resolved(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
+
+
+def check_distinct_inputs(models: Sequence[Source], base_model: Source | None) -> list[str]:
+    """The same model listed twice would silently count double; the base listed as a model adds
+    a zero task vector that dilutes every mean. For paths both are refused; for in-memory
+    objects (tests and notebooks build such merges on purpose) they are returned as warnings."""
+    warnings: list[str] = []
+
+    def problem(message: str, is_path: bool) -> None:
+        if is_path:
+            raise ParameterError(message)
+        warnings.append(message)
+
+    seen: dict[Any, int] = {}
+    for i, m in enumerate(models):
+        key = _identity(m)
+        if key in seen:
+            problem(
+                f"model {_label(m, i)} is listed twice (models {seen[key]} and {i}); list it once "
+                "and give it a larger weight if it should count more",
+                key[0] == "path",
+            )
+        seen.setdefault(key, i)
+    if base_model is not None and _identity(base_model) in seen:
+        i = seen[_identity(base_model)]
+        problem(
+            f"the base model {_label(base_model, i)} is also listed as model {i}: its task vector "
+            "is zero and dilutes the merge; list only the fine-tuned models (mergekit recipes "
+            "that list the base are translated without it)",
+            _identity(base_model)[0] == "path",
+        )
+    return warnings
+
+
+def _input_paths(models: Sequence[Source], base_model: Source | None) -> list[tuple[str, Path, bool]]:
+    out = []
+    for what, src in [*(("model", m) for m in models), ("base model", base_model)]:
+        if isinstance(src, str | os.PathLike):
+            p = Path(src)
+            out.append((what, p, p.is_dir()))
+    return out
+
+
+def _same_content_warnings(spec: MergeSpec, report: MergeReport) -> list[str]:
+    """Inputs whose tensor bytes are identical (different paths, same weights)."""
+    if not report.digests:
+        return []
+    readers = [*spec.models, *([spec.base] if spec.base is not None else [])]
+    first: dict[str, str] = {}
+    warnings = []
+    for r, d in zip(readers, report.digests, strict=False):
+        if not d.get("tensors"):
+            continue
+        if d["sha256"] in first:
+            warnings.append(
+                f"{r.label} has the same weights as {first[d['sha256']]} (identical tensor bytes): "
+                "is one listed by mistake?"
+            )
+        else:
+            first[d["sha256"]] = r.label
+    return warnings
 
 
 def build_spec(
@@ -105,6 +175,9 @@ def merge(
     recipe: Mapping[str, Any] | None = None,
     dry_run: bool = False,
     progress: Any = None,
+    threads: int = DEFAULT_THREADS,
+    digest: bool = True,
+    protect: Sequence[str | os.PathLike] = (),
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -113,7 +186,19 @@ def merge(
     without it the merged state dict is returned in ``MergeResult.state_dict``.
     ``dry_run`` plans and validates everything without reading tensor data.
     ``chunk_elements``: elementwise merges stream each tensor in slices of this many elements.
+    ``threads``: intra-op threads per job; the bytes written depend on it, not on ``workers``.
+    ``digest``: record a sha256 of every input's tensor bytes in the provenance.
+    ``protect``: more paths the output must not overwrite or contain (the recipe file).
+
+    Everything is checked before the first tensor is read: inputs (headers, companion JSON
+    files), parameters, the memory budget and the output location; the output never is,
+    contains or lies inside an input folder, with or without ``force``.
     """
+    if threads < 1:
+        raise ParameterError(f"threads = {threads} is not allowed; expected at least 1")
+    if workers is not None and workers < 1:
+        raise ParameterError(f"workers = {workers} is not allowed; expected at least 1")
+    input_warnings = check_distinct_inputs(models, base_model)
     spec = build_spec(
         models,
         base_model,
@@ -132,23 +217,35 @@ def merge(
         chunk_elements=chunk_elements,
     )
     plan = plan_merge(spec)
+    plan.warnings[:0] = input_warnings
     result = MergeResult(plan=plan)
+    max_bytes = parse_size(max_memory) if max_memory is not None else None
+    check_memory_budget(plan, max_bytes)
+    companion = (spec.base if spec.base is not None else spec.models[0]).folder
+    if copy_files_from is not None:
+        companion = Path(copy_files_from)
+        companion = companion.parent if companion.is_file() else companion
+    if output is not None:
+        protected = _input_paths(models, base_model)
+        protected += [("recipe", Path(p), Path(p).is_dir()) for p in protect]
+        if copy_files_from is not None:
+            protected.append(("copy_files_from folder", companion, True))
+        check_output_location(output, protected)
+        validate_companions(companion)
     if dry_run:
         return result
-    max_bytes = parse_size(max_memory) if max_memory is not None else None
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    run = dict(workers=workers, max_bytes=max_bytes, progress=progress, threads=threads, digest=digest)
     if output is None:
         sink = DictSink(plan.outputs)
-        result.report = run_plan(plan, sink, workers=workers, max_bytes=max_bytes, progress=progress)
+        result.report = run_plan(plan, sink, **run)
+        result.report.warnings += _same_content_warnings(spec, result.report)
         result.state_dict = sink.tensors
         result.provenance = provenance(plan, result.report, started, recipe)
         return result
     with StreamingWriter(output, plan.outputs, parse_size(shard_size), force=force) as writer:
-        result.report = run_plan(plan, writer, workers=workers, max_bytes=max_bytes, progress=progress)
-        companion = (spec.base if spec.base is not None else spec.models[0]).folder
-        if copy_files_from is not None:
-            companion = Path(copy_files_from)
-            companion = companion.parent if companion.is_file() else companion
+        result.report = run_plan(plan, writer, **run)
+        result.report.warnings += _same_content_warnings(spec, result.report)
         writer.copy_companions(companion, spec.out_dtype)
         result.provenance = provenance(plan, result.report, started, recipe)
         writer.write_text(
@@ -160,6 +257,19 @@ def merge(
         )
         result.output = writer.commit()
     return result
+
+
+def check_memory_budget(plan: MergePlan, max_bytes: int | None) -> None:
+    """A budget below the largest job cannot be met: say so, and what the smallest one is."""
+    if max_bytes is None or not plan.jobs:
+        return
+    largest = max(plan.jobs, key=lambda j: j.cost)
+    if largest.cost > max_bytes:
+        raise ParameterError(
+            f"max_memory = {max_bytes:,} bytes is below what one job needs: tensor {largest.name!r} "
+            f"needs {largest.cost:,} bytes ({largest.cost / 2**20:.1f} MiB). The smallest budget "
+            f"that works is {largest.cost:,} bytes; give at least that (--max-memory)."
+        )
 
 
 def merge_state_dicts(
@@ -213,5 +323,5 @@ def provenance(
             else None
         ),
         "report": report.as_dict(),
-        "warnings": plan.warnings,
+        "warnings": plan.warnings + report.warnings,
     }

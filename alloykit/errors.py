@@ -25,7 +25,11 @@ class NonFiniteError(AlloykitError):
     """An input tensor holds NaN or Inf."""
 
 
-class OutputExistsError(AlloykitError, FileExistsError):
+class OutputError(AlloykitError):
+    """The output cannot be written there: it would overwrite an input, no space, no permission."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 

@@ -56,7 +56,7 @@ def test_output_is_a_complete_model_folder(toy):
 def test_same_seed_identical_bytes_for_any_worker_count(toy, method, params):
     base = None if method == "linear" else toy["base_path"]
     runs = []
-    for i, (workers, mem) in enumerate([(1, None), (3, None), (2, "1KB")]):
+    for i, (workers, mem) in enumerate([(1, None), (3, None), (2, "16KB")]):
         out = toy["tmp"] / f"o{i}"
         merge(
             toy["paths"],

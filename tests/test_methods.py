@@ -72,7 +72,8 @@ def test_linear_with_one_weight_one_returns_that_model():
 def test_merging_identical_models_returns_that_model(method, params):
     base = make_base()
     ft = make_finetunes(base, n=1)[0]
-    out = merge_state_dicts([ft, ft, ft], None if method == "linear" else base, method, parameters=params)
+    copies = [{k: v.clone() for k, v in ft.items()} for _ in range(3)]  # the same object twice is refused
+    out = merge_state_dicts(copies, None if method == "linear" else base, method, parameters=params)
     if params.get("density", 1.0) < 1:
         # TIES keeps the top 30 % of the (shared) task vector; the rest stays at the base.
         mask = {k: v for k, v in unflat(_paper_topk_mask(flat(ft) - flat(base), 0.3), ft).items()}

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,12 +38,95 @@ def _log(line: str) -> None:
     console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+def _fail(e: Exception | str) -> None:
+    # soft_wrap: a long path stays on one line (the terminal wraps it, not rich)
+    console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the Python traceback of an error")] = False,
+) -> None:
+    """Training-free model merging: recipes, streaming merges, inspection."""
+    _DEBUG["on"] = debug
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors reach the user as one message (exit code 2), never as a traceback, unless
+    ``--debug``; an unexpected exception is reported as an internal error (exit code 3)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if _DEBUG["on"]:
+                raise
+            if isinstance(e, AlloykitError | ValueError):
+                _fail(e)
+            if isinstance(e, OSError):
+                from alloykit.io.paths import describe_os_error
+
+                _fail(describe_os_error(e))
+            console.print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\nThis is a bug in "
+                "alloykit; run the command again with --debug for the traceback and report it.",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=3) from None
+
+    return wrapper
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP stop the work: the exception unwinds through the writer (which
+    removes its temporary folder) and the executor (which cancels queued jobs without waiting
+    for running ones); then the process exits at once with 128 + the signal's number, without
+    waiting for job threads still inside a long kernel. Further signals are ignored meanwhile."""
+
+    def stop(signum: int, frame: Any) -> None:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        console.print(
+            f"stopped by {signal.Signals(signum).name}: nothing was written", highlight=False, markup=False
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @app.command()
+@guarded
 def merge(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (alloykit's or mergekit's)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model folder")],
@@ -67,6 +157,14 @@ def merge(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="intra-op threads per job (the output's bytes depend on it, not on --workers)",
+        ),
+    ] = 1,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -99,7 +197,7 @@ def merge(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
-        with bar:
+        with stop_on_signals(), bar:
             result = run_merge(
                 **kwargs,
                 output=output,
@@ -111,6 +209,8 @@ def merge(
                 base_check=None if no_base_check else 0.5,
                 recipe=raw,
                 progress=report,
+                threads=threads,
+                protect=[recipe],
             )
     except (AlloykitError, ValueError) as e:
         _fail(e)
@@ -131,7 +231,7 @@ def merge(
         "bytes_to_read": plan.read_bytes,
         "bytes_to_write": plan.write_bytes,
         "estimated_peak_bytes_beyond_baseline": est,
-        "warnings": plan.warnings,
+        "warnings": plan.warnings + (result.report.warnings if result.report else []),
     }
     if result.report is not None:
         summary.update({"output": str(result.output), **result.report.as_dict()})
@@ -153,12 +253,13 @@ def merge(
         t.add_row("peak RSS", f"{_gib(rep.peak_rss)} (baseline {_gib(rep.baseline_rss)})")
         for label, rel in rep.relative_delta_norm.items():
             t.add_row(f"‖θ−θ₀‖/‖θ₀‖ {label}", f"{rel:.4f}")
-    for w in plan.warnings:
+    for w in summary["warnings"]:
         t.add_row("warning", w)
     Console().print(t)
 
 
 @app.command()
+@guarded
 def methods(
     name: Annotated[
         str | None, typer.Argument(help="one method to describe (default: a line for each)")
@@ -221,6 +322,7 @@ def methods(
 
 
 @app.command()
+@guarded
 def inspect(
     models: Annotated[list[Path], typer.Argument(help="fine-tuned models")],
     base: Annotated[Path, typer.Option("--base", "-b", help="the base model")],
@@ -266,6 +368,7 @@ def inspect(
 
 
 @app.command()
+@guarded
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the example models are written")] = Path("demo-output"),
 ) -> None:
@@ -281,6 +384,7 @@ app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("setup")
+@guarded
 def bench_setup(
     check: Annotated[bool, typer.Option("--check", help="only report what is missing")] = False,
 ) -> None:
@@ -301,6 +405,7 @@ def bench_setup(
 
 
 @bench_app.command("text-8")
+@guarded
 def bench_text8(
     out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("bench-text8"),
     quick: Annotated[

@@ -1,5 +1,10 @@
 """Executors run the jobs of a plan. The interface is one method so that process pools or a
-cluster can be added later without touching the engine."""
+cluster can be added later without touching the engine.
+
+Results come back tagged with the job's position in the plan, and the engine folds them in plan
+order (:func:`in_plan_order`): a floating-point sum depends on the order of its terms, so
+folding in completion order would make the bytes depend on timing.
+"""
 
 from __future__ import annotations
 
@@ -9,68 +14,91 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
-import torch
-
 from alloykit.engine.memory import ByteBudget
 
 T = TypeVar("T")
 
+# Intra-op threads of every job. Fixed, not derived from the number of workers: torch's
+# reductions and LAPACK routines split their work by thread count, so their float results
+# change with it (measured: a 4M-element sum and an SVD differ in the last bits between 1 and
+# 2 threads). One thread per job, parallelism across jobs, gives the same bytes for any
+# number of workers.
+DEFAULT_THREADS = 1
+
 
 class Executor(Protocol):
-    def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[Any]:
-        """Apply ``fn`` to each item (given with its memory cost in bytes); yield the results in
-        completion order. The first exception stops the run and is raised."""
+    def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[tuple[int, Any]]:
+        """Apply ``fn`` to each item (given with its memory cost in bytes); yield ``(position,
+        result)`` in completion order. The first exception stops the run, cancels what has not
+        started, and is raised without waiting for the jobs still running."""
         ...
-
-
-class SerialExecutor:
-    def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[Any]:
-        for item, _cost in items:
-            yield fn(item)
 
 
 class ThreadExecutor:
     """A thread pool whose jobs in flight stay under a byte budget. torch releases the GIL in
-    its kernels and reads/writes are ``pread``/``pwrite``, so threads overlap I/O and compute."""
+    its kernels and reads/writes are ``pread``/``pwrite``, so threads overlap I/O and compute.
+    Jobs run off the main thread even with one worker, so that the main thread stays free to
+    take a signal at once."""
 
     def __init__(self, workers: int | None = None, max_bytes: int | None = None):
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers = {workers} is not allowed; expected at least 1")
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.max_bytes = max_bytes
 
-    def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[Any]:
+    def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[tuple[int, Any]]:
         budget = ByteBudget(self.max_bytes)
-        pending: set[Future] = set()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="alloykit") as pool:
-            try:
-                for item, cost in items:
-                    while len(pending) >= self.workers or (
-                        pending and budget.capacity is not None and budget.in_flight + cost > budget.capacity
-                    ):
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            yield f.result()
-                    budget.acquire(cost)
-                    fut = pool.submit(fn, item)
-                    fut.add_done_callback(lambda _f, c=cost: budget.release(c))
-                    pending.add(fut)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        yield f.result()
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+        pending: dict[Future, int] = {}
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="alloykit")
+        try:
+            for position, (item, cost) in enumerate(items):
+                while len(pending) >= self.workers or (
+                    pending and budget.capacity is not None and budget.in_flight + cost > budget.capacity
+                ):
+                    yield from self._collect(pending)
+                budget.acquire(cost)
+                fut = pool.submit(fn, item)
+                fut.add_done_callback(lambda _f, c=cost: budget.release(c))
+                pending[fut] = position
+            while pending:
+                yield from self._collect(pending)
+        except BaseException:
+            # Do not wait for running jobs (an SVD can take minutes): the caller cleans up and
+            # leaves; the threads finish in the background and their results are dropped.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+    @staticmethod
+    def _collect(pending: dict[Future, int]) -> Iterator[tuple[int, Any]]:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for f in done:
+            position = pending.pop(f)
+            yield position, f.result()
+
+
+def in_plan_order(results: Iterable[tuple[int, Any]]) -> Iterator[Any]:
+    """Re-order ``(position, result)`` pairs into plan order, holding only the results that
+    finished ahead of a slower one (at most about the number of workers)."""
+    waiting: dict[int, Any] = {}
+    next_position = 0
+    for position, result in results:
+        waiting[position] = result
+        while next_position in waiting:
+            yield waiting.pop(next_position)
+            next_position += 1
+    if waiting:  # pragma: no cover - an executor that skipped a position
+        raise RuntimeError(f"executor returned positions {sorted(waiting)} but not {next_position}")
 
 
 @contextmanager
-def intra_op_threads(workers: int) -> Iterator[None]:
-    """Give each of ``workers`` concurrent jobs an equal share of torch's intra-op threads.
+def intra_op_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
+    """Run the jobs with ``threads`` intra-op threads each (see ``DEFAULT_THREADS``); the
+    previous setting is restored on exit."""
+    import torch
 
-    The engine parallelises across jobs; letting every job also fan out over all cores
-    oversubscribes them (measured 1.2–10× slower on 2 cores). Restored on exit."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(workers, 1)))
+    torch.set_num_threads(max(1, threads))
     try:
         yield
     finally:
@@ -78,6 +106,4 @@ def intra_op_threads(workers: int) -> Iterator[None]:
 
 
 def make_executor(workers: int | None, max_bytes: int | None) -> Executor:
-    if workers == 1:
-        return SerialExecutor()
     return ThreadExecutor(workers, max_bytes)

@@ -267,15 +267,34 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                     copy_from,
                     params,
                     read_bytes=readers_used * length * src_meta.dtype.itemsize,
-                    cost=per_elem * length,
+                    cost=int(per_elem * length),
                     compute_dtype=compute,
                     start=start,
                     length=None if whole else length,
                 )
             )
+    if method.check is not None:
+        checked: set[str] = set()
+        for job in jobs:
+            if job.merge and job.name not in checked:
+                checked.add(job.name)
+                method.check(job.params, f" (tensor {job.name!r})")
     passes = method.reduction.passes(global_resolved) if method.reduction else 0
     if passes:
         _refuse_per_tensor_values(method, global_resolved, jobs)
+    for p in method.params:
+        if p.noop_at is None:
+            continue
+        value = global_resolved[p.py_name]
+        if p.per_model:
+            hits = [i for i, v in enumerate(value) if v == p.noop_at]
+            if hits:
+                who = ", ".join(readers[i].label for i in hits)
+                warnings.append(
+                    f"{method.name}: {p.name} = {p.noop_at:g} for {who}: that model's part is dropped"
+                )
+        elif value == p.noop_at:
+            warnings.append(f"{method.name}: {p.name} = {p.noop_at:g}: every model's part is dropped")
     if method.ignores is not None:
         given = set(spec.global_params).union(*(set(p) for p in model_params))
         for pname, why in method.ignores(global_resolved).items():

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from alloykit.engine.executor import intra_op_threads, make_executor
+from alloykit.engine.executor import DEFAULT_THREADS, in_plan_order, intra_op_threads, make_executor
 from alloykit.engine.memory import PeakRSS, tune_allocator
 from alloykit.engine.plan import MergePlan, TensorJob
 from alloykit.errors import MismatchError, NonFiniteError
@@ -53,7 +53,9 @@ class MergeReport:
     peak_rss: int = 0
     baseline_rss: int = 0
     workers: int = 1
+    threads: int = DEFAULT_THREADS  # intra-op threads per job
     copied: int = 0  # tensors copied from one input rather than merged
+    warnings: list[str] = field(default_factory=list)  # found while merging (the plan has its own)
     relative_delta_norm: dict[str, float] = field(default_factory=dict)
     # Per input (models in order, then the base): sha256 of the bytes the merge read.
     digests: list[dict[str, Any]] = field(default_factory=list)
@@ -172,9 +174,14 @@ def run_plan(
     max_bytes: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     digest: bool = True,
+    threads: int = DEFAULT_THREADS,
 ) -> MergeReport:
     """Execute ``plan`` into ``sink``; returns timings, bytes, the measured peak RSS and (with
-    ``digest``) a content digest of every input (:class:`InputDigests`)."""
+    ``digest``) a content digest of every input (:class:`InputDigests`).
+
+    The bytes written depend on the plan and ``threads`` (intra-op threads per job) only: not
+    on ``workers``, on the order jobs finish in, or on the executor (partial results are folded
+    in plan order)."""
     spec = plan.spec
     method = spec.method
     tune_allocator()
@@ -184,6 +191,7 @@ def run_plan(
         merged=len(plan.merged_names),
         reduction_passes=plan.reduction_passes,
         workers=getattr(executor, "workers", 1),
+        threads=threads,
     )
     merged_jobs = [j for j in plan.jobs if j.merge]
     n_models = len(spec.models)
@@ -192,7 +200,8 @@ def run_plan(
     sq_delta = [0.0] * n_models
     sq_base = [0.0]
     t0 = time.perf_counter()
-    with PeakRSS() as rss, intra_op_threads(report.workers):
+    unchanged = [0]
+    with PeakRSS() as rss, intra_op_threads(threads):
         state: Any = None
         for p in range(plan.reduction_passes):
 
@@ -202,19 +211,20 @@ def run_plan(
                 return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
 
             acc = None
-            for i, partial in enumerate(executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))):
+            results = executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))
+            for i, partial in enumerate(in_plan_order(results)):
                 acc = method.reduction.fold(p, acc, partial)
                 if progress:
                     progress(f"pass {p + 1}/{plan.reduction_passes}", i + 1, len(merged_jobs))
             state = method.reduction.finish(p, state, acc, plan.global_params)
             report.bytes_read += sum(j.read_bytes for j in merged_jobs)
 
-        def merge_one(job: TensorJob) -> tuple[list[float], float]:
+        def merge_one(job: TensorJob) -> tuple[list[float], float, bool]:
             start = None if job.length is None else job.start
             if not job.merge:
                 t = _copy(plan, job, digests)
                 sink.write(job.name, t.to(job.out.dtype), start)
-                return [], 0.0
+                return [], 0.0, False
             tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
             merged = method.fn(tensors, base, _context(spec, job, state), **job.params)
             expected = job.out.shape if job.length is None else (job.length,)
@@ -224,19 +234,23 @@ def run_plan(
                     f"{job.name!r}, expected {list(expected)}"
                 )
             sink.write(job.name, merged.to(job.out.dtype), start)
+            same = base is not None and torch.equal(merged, base)
             if base is None or job.start != 0:
                 # The same-base check looks at the first slice of every tensor only: enough to
                 # tell a fine-tune from an unrelated model, at a fraction of the cost.
-                return [], 0.0
+                return [], 0.0, same
             b = base.float()
             return (
                 [float((x.float() - b).square().sum()) for x in tensors],
                 float(b.square().sum()),
+                same,
             )
 
-        for i, (deltas, base_sq) in enumerate(executor.run(merge_one, ((j, j.cost) for j in plan.jobs))):
+        results = executor.run(merge_one, ((j, j.cost) for j in plan.jobs))
+        for i, (deltas, base_sq, same) in enumerate(in_plan_order(results)):
             if progress:
                 progress("merge", i + 1, len(plan.jobs))
+            unchanged[0] += same
             sq_base[0] += base_sq
             # A job's sources are the models that hold the tensor; with strict keys, all of them.
             if deltas and len(deltas) == n_models:
@@ -246,6 +260,12 @@ def run_plan(
         report.bytes_written = plan.write_bytes
         if digests is not None:
             report.digests = digests.combined()
+    n_merged_jobs = len(merged_jobs)
+    if n_merged_jobs and unchanged[0] == n_merged_jobs:
+        report.warnings.append(
+            f"the merge changed nothing: all {report.merged} merged tensors equal the base "
+            "(a density, weight or scale of 0?)"
+        )
     report.seconds = time.perf_counter() - t0
     report.peak_rss = rss.peak
     report.baseline_rss = rss.baseline

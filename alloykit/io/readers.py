@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from alloykit.errors import CheckpointError
+from alloykit.io.paths import describe_os_error
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -90,20 +91,21 @@ class SafetensorsFile:
         self.path = Path(path)
         try:
             size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{self.path}: not a safetensors file (only {size} bytes, header needs 8)"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{self.path}: corrupt safetensors header (declares {n} header bytes, file has {size})"
-                )
-            raw = f.read(n)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(
+                        f"{self.path}: not a safetensors file (only {size} bytes, header needs 8)"
+                    )
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER_BYTES or 8 + n > size:
+                    raise CheckpointError(
+                        f"{self.path}: corrupt safetensors header "
+                        f"(declares {n} header bytes, file has {size})"
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, self.path)) from None
         try:
             header = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -154,18 +156,21 @@ class SafetensorsFile:
         meta, begin, _ = self._entries[name]
         item = meta.dtype.itemsize
         begin, end = begin + start * item, begin + (start + length) * item
-        if self._fd is None:
-            with self._open_lock:  # workers share one descriptor; pread keeps no file offset
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
         buf = bytearray(end - begin)
         view = memoryview(buf)
         done = 0
-        while done < len(buf):
-            got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
-            if got <= 0:
-                raise CheckpointError(f"{self.path}: file ended while reading {name!r}")
-            done += got
+        try:
+            if self._fd is None:
+                with self._open_lock:  # workers share one descriptor; pread keeps no file offset
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_RDONLY)
+            while done < len(buf):
+                got = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: file ended while reading {name!r} (truncated?)")
+                done += got
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, self.path) + f" (while reading {name!r})") from None
         if not buf:
             return torch.empty(0, dtype=meta.dtype)
         return torch.frombuffer(buf, dtype=meta.dtype)
@@ -345,6 +350,14 @@ def open_checkpoint(source: object, label: str | None = None) -> CheckpointReade
         )
     path = Path(source)
     label = label or str(source)
+    try:
+        return _open_path(path, label)
+    except OSError as e:  # permission denied, symlink loop, I/O error: a message, not a traceback
+        raise CheckpointError(describe_os_error(e, e.filename or path)) from None
+
+
+def _open_path(path: Path, label: str) -> CheckpointReader:
+    path.stat()  # raises for a symlink loop or a path we may not read (is_file() would say False)
     _refuse_adapter(path)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -358,7 +371,7 @@ def open_checkpoint(source: object, label: str | None = None) -> CheckpointReade
             return _pickle_reader(files, label, path.parent)
         raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r}")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: neither a regular file nor a folder")
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).exists():
             return open_checkpoint(path / index_name, label)

@@ -8,6 +8,8 @@ same bytes whatever order the workers finish in.
 
 Everything is written into a hidden sibling folder and renamed into place by :meth:`commit`; an
 exception or Ctrl-C removes the temporary folder, so no half-written model ever looks complete.
+Free space is checked against the plan before the first byte; an OS error while writing (disk
+full, I/O error) becomes an :class:`OutputError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from alloykit.errors import OutputExistsError
+from alloykit.errors import CheckpointError, OutputError, OutputExistsError
+from alloykit.io.paths import describe_os_error
 from alloykit.io.readers import DTYPE_TO_SAFETENSORS, TensorMeta
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,6 +48,44 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "preprocessor_config.json",
 )
+
+
+def validate_companions(folder: Path | None) -> list[str]:
+    """Parse every JSON companion file in ``folder`` now, before any tensor is read, so that a
+    malformed ``config.json`` is reported at once and by name. Returns the files present."""
+    present: list[str] = []
+    if folder is None:
+        return present
+    for name in COMPANION_FILES:
+        src = Path(folder) / name
+        if not src.is_file():
+            continue
+        present.append(name)
+        if name.endswith(".json"):
+            try:
+                data = json.loads(src.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{src}: malformed JSON ({e}); fix or remove the file") from None
+            except OSError as e:
+                raise CheckpointError(describe_os_error(e, src)) from None
+            if name == "config.json" and not isinstance(data, dict):
+                raise CheckpointError(f"{src}: expected a JSON object, found {type(data).__name__}")
+    return present
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP while the output is swapped into place, so that a signal
+    cannot land between moving the old output aside and moving the new one in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def parse_size(text: str | int) -> int:
@@ -112,6 +156,19 @@ def _header(tensors: list[TensorMeta], metadata: dict[str, str]) -> tuple[bytes,
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:  # pragma: no cover - pwrite reports errors by raising
+            raise OSError(5, "short write")
+        done += n
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class StreamingWriter:
     """Writes a planned set of tensors into ``out_dir`` atomically. Use as a context manager."""
 
@@ -125,19 +182,47 @@ class StreamingWriter:
     ):
         self.out_dir = Path(out_dir)
         self.force = force
+        self._committed = False
+        self._aborted = False
+        self._writing = 0  # writes in flight (abort closes the files only when none is)
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
         if self.out_dir.exists() and not force:
             raise OutputExistsError(
                 f"output folder {self.out_dir} exists; choose another or pass force=True (--force)"
             )
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.alloykit-tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
-        self._lock = threading.Lock()
+        self.total_bytes = sum(m.nbytes for m in tensors)
+        parent = self.out_dir.parent
+        # Folders made for the output are removed again if the merge does not complete.
+        self._made: list[Path] = []
+        missing = parent
+        while not missing.exists() and missing != missing.parent:
+            self._made.append(missing)
+            missing = missing.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+        except OSError as e:
+            raise OutputError(describe_os_error(e, parent)) from None
+        if free < self.total_bytes:
+            raise OutputError(
+                f"{parent}: not enough free space for the output: it needs {_size(self.total_bytes)}, "
+                f"{_size(free)} is free. Free space or choose another output folder."
+            )
+        self.tmp_dir = parent / f".{self.out_dir.name}.alloykit-tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.tmp_dir.mkdir()
+            self._create_shards(tensors, max_shard_bytes, metadata)
+        except OSError as e:
+            self.abort()
+            raise OutputError(describe_os_error(e, e.filename or self.tmp_dir)) from None
+
+    def _create_shards(
+        self, tensors: list[TensorMeta], max_shard_bytes: int, metadata: dict[str, str] | None
+    ) -> None:
         self._written: dict[str, int] = {}  # elements written per tensor
-        self._fds: dict[str, int] = {}
         self._slots: dict[str, _Slot] = {}
         self.weight_map: dict[str, str] = {}
-        self.total_bytes = sum(m.nbytes for m in tensors)
         shards = plan_shards(tensors, max_shard_bytes)
         meta = {"format": "pt", **(metadata or {})}
         for i, shard in enumerate(shards):
@@ -150,14 +235,13 @@ class StreamingWriter:
             ordered = sorted(shard, key=lambda m: -m.dtype.itemsize)
             head, offsets = _header(ordered, meta)
             fd = os.open(self.tmp_dir / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, head, 0)
-            os.ftruncate(fd, len(head) + sum(m.nbytes for m in shard))
             self._fds[fname] = fd
+            _pwrite_all(fd, memoryview(head), 0)
+            os.ftruncate(fd, len(head) + sum(m.nbytes for m in shard))
             for m in ordered:
                 self._slots[m.name] = _Slot(fname, len(head) + offsets[m.name], m)
                 self.weight_map[m.name] = fname
         self.n_shards = len(shards)
-        self._committed = False
 
     # -- tensors -----------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None:
@@ -176,25 +260,46 @@ class StreamingWriter:
                 f"tensor {name!r}: got {tensor.dtype}{list(tensor.shape)}"
                 f"{'' if whole else f' at element {start}'}, planned {meta.dtype}{list(meta.shape)}"
             )
-        if tensor.numel():
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            view = memoryview(data)
-            base = slot.offset + start * meta.dtype.itemsize
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fds[slot.file], view[done:], base + done)
         with self._lock:
-            self._written[name] = self._written.get(name, 0) + tensor.numel()
+            if self._aborted:
+                return  # a job that finished after the merge was stopped: drop its result
+            self._writing += 1
+            fd = self._fds[slot.file]
+        try:
+            if tensor.numel():
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                try:
+                    _pwrite_all(fd, memoryview(data), slot.offset + start * meta.dtype.itemsize)
+                except OSError as e:
+                    raise OutputError(
+                        describe_os_error(e, self.out_dir / slot.file) + f" (while writing {name!r})"
+                    ) from None
+            with self._lock:
+                self._written[name] = self._written.get(name, 0) + tensor.numel()
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if self._aborted and self._writing == 0:
+                    self._close_files()
 
     # -- companions --------------------------------------------------------------------------
     def write_text(self, relative: str, text: str) -> None:
-        (self.tmp_dir / relative).write_text(text)
+        try:
+            (self.tmp_dir / relative).write_text(text)
+        except OSError as e:
+            raise OutputError(describe_os_error(e, self.out_dir / relative)) from None
 
     def copy_companions(self, folder: Path | None, out_dtype: torch.dtype | None = None) -> list[str]:
         """Copy config/tokenizer/generation files from ``folder``; record the output dtype."""
-        copied: list[str] = []
         if folder is None:
-            return copied
+            return []
+        try:
+            return self._copy_companions(Path(folder), out_dtype)
+        except OSError as e:
+            raise OutputError(describe_os_error(e, e.filename or self.tmp_dir)) from None
+
+    def _copy_companions(self, folder: Path, out_dtype: torch.dtype | None) -> list[str]:
+        copied: list[str] = []
         for name in COMPANION_FILES:
             src = Path(folder) / name
             if not src.is_file():
@@ -219,33 +324,49 @@ class StreamingWriter:
                 f"refusing to commit: {len(missing)} planned tensors were not "
                 f"written, e.g. {sorted(missing)[:3]}"
             )
-        for fd in self._fds.values():
-            os.fsync(fd)
-            os.close(fd)
-        self._fds.clear()
-        if self.n_shards > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-            (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        old = None
-        if self.out_dir.exists():
-            if not self.force:
-                raise OutputExistsError(f"output folder {self.out_dir} appeared during the merge")
-            old = self.out_dir.parent / f".{self.out_dir.name}.alloykit-old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp_dir, self.out_dir)
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+            self._close_files()
+            if self.n_shards > 1:
+                index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+                (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            with _signals_held():
+                old = None
+                if self.out_dir.exists():
+                    if not self.force:
+                        raise OutputExistsError(f"output folder {self.out_dir} appeared during the merge")
+                    old = self.out_dir.parent / f".{self.out_dir.name}.alloykit-old-{uuid.uuid4().hex[:8]}"
+                    os.replace(self.out_dir, old)
+                os.replace(self.tmp_dir, self.out_dir)
+                self._committed = True
+        except OSError as e:
+            raise OutputError(describe_os_error(e, e.filename or self.out_dir)) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._committed = True
         return self.out_dir
 
-    def abort(self) -> None:
+    def _close_files(self) -> None:
         for fd in self._fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds.clear()
+
+    def abort(self) -> None:
+        """Remove the temporary folder. Files still being written by jobs that have not seen
+        the stop yet are closed by the last of them (their writes land in unlinked files)."""
+        with self._lock:
+            self._aborted = True
+            if self._writing == 0:
+                self._close_files()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for folder in self._made:  # innermost first; stops at the first one not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> StreamingWriter:
         return self

@@ -84,6 +84,9 @@ class Param:
     lt: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    # A value at which the parameter removes a model's contribution (a weight, scale or density
+    # of 0): legal, but the planner says so in its warnings.
+    noop_at: float | None = None
 
     @property
     def py_name(self) -> str:
@@ -199,6 +202,9 @@ class MergeMethod:
     # ``ignores(params) -> {parameter: why}``: parameters that have no effect with these resolved
     # parameters; a user who sets one gets a warning in the plan and report.
     ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    # ``check(params, where)``: raises ParameterError for values that are valid one by one but
+    # not together (weights summing to zero); the planner calls it for every merged tensor.
+    check: Callable[[dict[str, Any], str], None] | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -226,6 +232,8 @@ class MergeMethod:
     ) -> torch.Tensor:
         """Merge one tensor directly (notebooks, tests): defaults, preset and validation apply."""
         values = self.resolve(len(tensors), preset=preset, global_params=params)
+        if self.check is not None:
+            self.check(values, "")
         if self.needs_base and base is None:
             raise ParameterError(f"{self.name}: needs a base tensor")
         return self.fn(list(tensors), base, ctx or TensorContext(name=""), **values)
@@ -341,6 +349,7 @@ def merge_method(
     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
     search: SearchSpace | None = None,
     ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None,
+    check: Callable[[dict[str, Any], str], None] | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -361,6 +370,7 @@ def merge_method(
             elementwise,
             dict(search or {}),
             ignores,
+            check,
         )
         for values in m.presets.values():
             for k in values:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from alloykit.errors import ParameterError
 from alloykit.methods.base import Param, TensorContext, merge_method
+
+
+def _check_weights(params: dict[str, Any], where: str) -> None:
+    """Normalising by weights that (nearly) cancel divides by ~0 and blows the merge up."""
+    w = params["weight"]
+    total, size = sum(w), sum(abs(x) for x in w)
+    if params["normalize"] and abs(total) <= 1e-6 * size:
+        raise ParameterError(
+            f"linear{where}: the weights {w} sum to {total:.3g}, about 0 next to their sizes "
+            f"(Σ|w| = {size:.3g}); normalizing would divide by it. Give weights with a clear "
+            "non-zero sum, or normalize: false"
+        )
 
 
 @merge_method(
@@ -19,6 +33,7 @@ from alloykit.methods.base import Param, TensorContext, merge_method
     default_preset="paper",
     memory_factor=1.0,
     elementwise=True,
+    check=_check_weights,
 )
 def linear(
     tensors: list[torch.Tensor],
@@ -37,8 +52,6 @@ def linear(
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     w = torch.tensor(weight, dtype=dtype)
-    if normalize and float(w.sum()) == 0.0:
-        raise ParameterError(f"linear: the weights {weight} sum to 0; cannot normalize")
     result = torch.zeros_like(first, dtype=dtype)
     shape = (1,) * first.dim()
     for x, wi in zip(tensors, w.unbind(0), strict=True):

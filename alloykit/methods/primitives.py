@@ -13,8 +13,8 @@ import torch
 from alloykit.methods.base import Continuous, Param, SearchSpace, TensorContext
 
 # Parameters every task-vector method declares the same way.
-WEIGHT = Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t")
-LAMBDA = Param("lambda", float, 1.0, help="λ, scales the merged task vector")
+WEIGHT = Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t", noop_at=0.0)
+LAMBDA = Param("lambda", float, 1.0, help="λ, scales the merged task vector", noop_at=0.0)
 
 
 def scale_search(high: float, name: str = "lambda") -> SearchSpace:
@@ -48,7 +48,7 @@ def topk_rule_ignored(params: dict[str, Any]) -> dict[str, str]:
 
 
 def density_param(default: float, help: str) -> Param:
-    return Param("density", float, default, per_model=True, ge=0.0, le=1.0, help=help)
+    return Param("density", float, default, per_model=True, ge=0.0, le=1.0, help=help, noop_at=0.0)
 
 
 # ----------------------------------------------------------------------------- trimming

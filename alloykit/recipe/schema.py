@@ -123,6 +123,14 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a folder; give the recipe's YAML file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text file (YAML expected)") from None
+    except OSError as e:
+        from alloykit.io.paths import describe_os_error
+
+        raise RecipeError(f"recipe: {describe_os_error(e, path)}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
     return recipe_from_dict(data, path.parent)
