@@ -122,8 +122,18 @@ def build_spec(
     check_finite: bool = True,
     base_check: float | None = 0.5,
     chunk_elements: int = 1 << 20,
+    statistics: Sequence[Any] | None = None,
 ) -> MergeSpec:
     m = get_method(method)
+    stats = None
+    if statistics is not None:
+        from alloykit.calibration.statistics import open_statistics
+
+        if len(statistics) != len(models):
+            raise ParameterError(f"{len(statistics)} statistics for {len(models)} models; give one per model")
+        stats = [
+            None if s is None else open_statistics(s, _label(models[i], i)) for i, s in enumerate(statistics)
+        ]
     readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
     base = None
     if base_model is not None:
@@ -146,6 +156,7 @@ def build_spec(
         check_finite=check_finite,
         base_check=base_check,
         chunk_elements=chunk_elements,
+        statistics=stats,
     )
 
 
@@ -178,6 +189,7 @@ def merge(
     threads: int = DEFAULT_THREADS,
     digest: bool = True,
     protect: Sequence[str | os.PathLike] = (),
+    statistics: Sequence[Any] | None = None,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -189,6 +201,9 @@ def merge(
     ``threads``: intra-op threads per job; the bytes written depend on it, not on ``workers``.
     ``digest``: record a content digest of every input's tensor bytes in the provenance.
     ``protect``: more paths the output must not overwrite or contain (the recipe file).
+    ``statistics``: per model, its calibration statistics (a file from ``alloykit calibrate``,
+    a :class:`~alloykit.calibration.Statistics`, or a dict ``{tensor: {"gram": G, "tokens": N}}``
+    / ``{tensor: X}`` of raw layer inputs), for methods that read them (ESM, RegMean, Fisher).
 
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
@@ -215,6 +230,7 @@ def merge(
         check_finite=check_finite,
         base_check=base_check,
         chunk_elements=chunk_elements,
+        statistics=statistics,
     )
     plan = plan_merge(spec)
     plan.warnings[:0] = input_warnings
@@ -230,6 +246,9 @@ def merge(
         protected += [("recipe", Path(p), Path(p).is_dir()) for p in protect]
         if copy_files_from is not None:
             protected.append(("copy_files_from folder", companion, True))
+        for s in statistics or []:
+            if isinstance(s, str | os.PathLike):
+                protected.append(("statistics file", Path(s), False))
         check_output_location(output, protected)
         validate_companions(companion)
     if dry_run:

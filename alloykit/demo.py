@@ -99,7 +99,10 @@ def accuracy(model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor, task: int) -
 def build_models(
     workdir: Path, seed: int = 0
 ) -> tuple[Path, list[Path], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Train and save the base and the fine-tunes; returns their folders and the test sets."""
+    """Train and save the base and the fine-tunes; returns their folders and the test sets.
+    Each fine-tune's folder also gets its calibration statistics (32 training inputs of its
+    task through it): ``activations.safetensors`` (for ESM, RegMean) and
+    ``fisher.safetensors`` (labelled, for Fisher merging)."""
     torch.manual_seed(seed)
     world, heads, aux = _tasks(seed)
     base = MultiTaskMLP()
@@ -123,8 +126,26 @@ def build_models(
             seed + t,
             lr=1e-3,
         )
-        folders.append(_save(model, workdir / f"finetune-task{t}"))
+        folder = _save(model, workdir / f"finetune-task{t}")
+        _calibrate(model, x[:32], y[:32], t, folder)
+        folders.append(folder)
     return workdir / "base", folders, tests
+
+
+def _calibrate(model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor, task: int, folder: Path) -> None:
+    from alloykit.calibration import calibrate
+
+    batches = [(x[i : i + 8], task) for i in range(0, len(x), 8)]
+    # the trunk is what the tasks share; the heads of other tasks never run on this task's data
+    calibrate(model, batches, include=[r"^trunk\."], output=folder / "activations.safetensors")
+
+    def log_probs(m: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = batch
+        return torch.log_softmax(m(xb, task), dim=-1), yb
+
+    labelled = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)]
+    calibrate(model, labelled, kind="fisher", log_probs=log_probs, include=[r"^trunk\."],
+              output=folder / "fisher.safetensors")  # fmt: skip
 
 
 def _save(model: nn.Module, folder: Path) -> Path:
@@ -165,6 +186,7 @@ def run_demo(workdir: Path, console: Console | None = None) -> dict[str, list[fl
         m = get_method(method)
         out = workdir / "merged" / f"{i:02d}-{method}"
         models = finetunes[: m.max_models] if m.max_models else finetunes
+        stats = [str(f / f"{m.statistics}.safetensors") for f in models] if m.statistics else None
         res = merge(
             [str(f) for f in models],
             str(base) if m.needs_base else None,
@@ -173,6 +195,7 @@ def run_demo(workdir: Path, console: Console | None = None) -> dict[str, list[fl
             preset=preset,
             parameters=params,
             force=True,
+            statistics=stats,
         )
         rows[label] = score(_load(res.output))
 

@@ -57,7 +57,7 @@ def _word_task(prefix: str, n_classes: int, seed: int):
 
 SMOKE = text8.Settings(
     tasks=("alpha", "beta"), n_train=96, n_validation=40, n_test=80, max_len=16, epochs=3, lr=3e-3,
-    batch_size=16, shots=4, scale=20.0, seed=0, budget=2,
+    batch_size=16, shots=4, scale=20.0, seed=0, budget=2, calibration_samples=12,
 )  # fmt: skip
 
 

@@ -314,6 +314,29 @@ def _models_for(method: str, paths: list[Path]) -> list[Path]:
     return paths[: m.max_models] if m.max_models else paths
 
 
+def synthetic_statistics(paths: list[Path], kind: str, seed: int = 0) -> list:
+    """Seeded statistics for models on disk: random layer inputs for every 2-D tensor, or a random
+    positive Fisher for every tensor (no weight signature: they belong to no real forward pass)."""
+    from alloykit.calibration import Statistics
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in paths:
+        r = readers_mod.open_checkpoint(p)
+        entries = {}
+        for name in r.keys():
+            shape = r.meta(name).shape
+            if kind == "fisher":
+                entries[name] = {"fisher": torch.rand(shape, generator=g) + 0.01, "examples": 8}
+            elif len(shape) == 2:
+                entries[name] = {
+                    "inputs": torch.randn(3 * shape[1] // 2 + 1, shape[1], generator=g),
+                    "tokens": 3 * shape[1] // 2 + 1,
+                }
+        out.append(Statistics(entries, meta={"kind": kind}))
+    return out
+
+
 class ShuffledExecutor:
     """Runs every job, then reports them in a random completion order."""
 
@@ -334,12 +357,14 @@ def test_every_method_gives_the_same_bytes_for_any_workers_order_and_rerun(tmp_p
         if name.endswith("_for_test"):
             continue
         models = _models_for(name, fts)
+        kind = get_method(name).statistics
+        stats = synthetic_statistics(models, kind) if kind else None
         outs = []
         for i, (workers, shuffled) in enumerate([(1, False), (3, False), (2, True), (3, False)]):
             if shuffled:
                 monkeypatch.setattr(engine_run, "make_executor", lambda w, m: ShuffledExecutor(7))
             out = tmp_path / f"{name}-{i}"
-            merge(models, base, name, out, workers=workers, seed=3)
+            merge(models, base, name, out, workers=workers, seed=3, statistics=stats)
             monkeypatch.setattr(engine_run, "make_executor", real_make)
             outs.append(files_digest(out))
         assert outs[0] == outs[1] == outs[2] == outs[3], name
@@ -469,6 +494,13 @@ def test_fuzzed_recipes_merge_or_fail_cleanly(toy, recipe, workers):
     }
     if get_method(name).needs_base:
         data["base_model"] = str(toy["base_path"])
+    kind = get_method(name).statistics
+    if kind:
+        for entry, path in zip(data["models"], toy["paths"], strict=False):
+            file = tmp / f"{path.name}.{kind}.safetensors"
+            if not file.exists():
+                synthetic_statistics([path], kind)[0].save(file)
+            entry["statistics"] = str(file)
     out = tmp / "fuzz-out"
     r = recipe_file(tmp, data, "fuzz.yml")
     res = runner.invoke(

@@ -67,10 +67,13 @@ class Settings:
     seed: int = 0
     budget: int = 8  # evaluations per golden-section search
     weight_decay: float = 0.01
+    # Unlabeled (activation statistics) or labelled (Fisher) training examples per task that
+    # data-aware methods (ESM, RegMean, Fisher) see, each through its task's own fine-tune.
+    calibration_samples: int = 32
 
     def __post_init__(self) -> None:
         at_least = {"n_train": 1, "n_validation": 1, "n_test": 1, "max_len": 2, "epochs": 1, "batch_size": 1,
-                    "shots": 1, "budget": 2}  # fmt: skip
+                    "shots": 1, "budget": 2, "calibration_samples": 1}  # fmt: skip
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -167,7 +170,48 @@ class Prepared:
     heads: dict[str, torch.Tensor]
     finetuned: dict[str, dict[str, torch.Tensor]]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> log / cache info
+    cache_keys: dict[str, Path] = field(default_factory=dict)  # task -> cached fine-tune path
+    log: Callable[[str], None] = print
     _tokens: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _statistics: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+
+    def statistics(self, kind: str) -> list[Any]:
+        """Each task's statistics through its own fine-tune, on its first ``calibration_samples``
+        training inputs (labelled, for ``fisher``); computed once, cached beside the fine-tunes
+        (reused when the fine-tune, the data and the settings are the same)."""
+        from alloykit.calibration import calibrate
+
+        if kind in self._statistics:
+            return self._statistics[kind]
+        n = self.settings.calibration_samples
+        out = []
+        for task in self.tasks:
+            texts, labels = task.train.inputs[:n], task.train.labels[:n]
+            tokens = self.encoder.tokenize(texts, batch_size=8, sort=False)
+            batches = [{"input_ids": ids, "attention_mask": mask} for ids, mask in tokens.batches]
+            self.encoder.load(self.finetuned[task.name])
+            ft_path = self.cache_keys.get(task.name)
+            output = None if ft_path is None else ft_path.with_name(f"{ft_path.stem}-{kind}-{n}.safetensors")
+            if kind == "fisher":
+                head, scale, encoder = self.heads[task.name], self.settings.scale, self.encoder
+                lab = torch.tensor(labels)
+                for i, b in enumerate(batches):
+                    b["labels"] = lab[8 * i : 8 * (i + 1)]
+
+                def log_probs(
+                    model: Any, batch: dict[str, torch.Tensor], head=head, scale=scale, encoder=encoder
+                ):
+                    emb = encoder.forward(batch["input_ids"], batch["attention_mask"])
+                    return torch.log_softmax(scale * emb @ head.T, dim=-1), batch["labels"]
+
+                stats = calibrate(self.encoder.model, batches, kind="fisher", log_probs=log_probs,
+                                  output=output, force=True, log=self.log)  # fmt: skip
+            else:
+                stats = calibrate(self.encoder.model, batches, output=output, force=True, log=self.log)
+            out.append(stats)
+        self.encoder.load(self.base)
+        self._statistics[kind] = out
+        return out
 
     def evaluate(
         self, state: Mapping[str, torch.Tensor], split: str, names: Sequence[str]
@@ -204,6 +248,7 @@ def prepare(
     heads: dict[str, torch.Tensor] = {}
     finetuned: dict[str, dict[str, torch.Tensor]] = {}
     info: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
     for task in tasks:
         encoder.load(base)
         shots_emb = encoder.embed(encoder.tokenize(task.train.inputs))
@@ -216,6 +261,7 @@ def prepare(
         }
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
         path = cache / f"{task.name}-{key}.safetensors"
+        paths[task.name] = path
         if path.exists():
             finetuned[task.name] = load_file(path)
             info[task.name] = {"cached": str(path), **json.loads(path.with_suffix(".json").read_text())}
@@ -249,7 +295,7 @@ def prepare(
         info[task.name] = {"cached": None, **meta}
         log(f"  {task.name}: {ft.steps} steps in {ft.seconds:.0f} s, final loss {ft.final_loss:.3f}")
     encoder.load(base)
-    return Prepared(settings, tasks, encoder, base, heads, finetuned, info)
+    return Prepared(settings, tasks, encoder, base, heads, finetuned, info, paths, log)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -333,7 +379,7 @@ def run(
         f"expected ≈ {est / 60:.0f} min on 2 CPU cores (less with cached fine-tunes)"
     )
     prepared = prepare(settings, encoder=encoder, sources=sources, cache=cache, log=log)
-    suite = Suite(prepared.tasks, prepared.base, prepared.finetuned, prepared.evaluate)
+    suite = Suite(prepared.tasks, prepared.base, prepared.finetuned, prepared.evaluate, prepared.statistics)
     t0 = now()
     base_row, ind_row = reference_rows(suite)
     log(

@@ -260,6 +260,58 @@ def merge(
 
 @app.command()
 @guarded
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="a Hugging Face model folder (a fine-tuned model)")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="text file (a sample a line) or JSON Lines")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="statistics file to write (.safetensors)")],
+    samples: Annotated[
+        int, typer.Option(min=1, metavar="N", help="samples drawn from the data (seeded)")
+    ] = 32,
+    kind: Annotated[
+        str, typer.Option(metavar="KIND", help="activations (ESM, RegMean) or fisher (needs labels)")
+    ] = "activations",
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="samples per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(min=1, metavar="N", help="tokens per sample at most")] = 128,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of the sample draw")] = 0,
+    include: Annotated[
+        list[str] | None, typer.Option(metavar="REGEX", help="only layers whose module name matches")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(metavar="REGEX", help="skip layers that match")] = None,
+    max_memory: Annotated[
+        str, typer.Option(metavar="SIZE", help="Gram matrices held at once (more layers: more passes)")
+    ] = "2GiB",
+    force: Annotated[bool, typer.Option("--force", help="replace a file made from other model/data")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+) -> None:
+    """Run calibration data through MODEL and write the statistics that data-aware methods read
+    (input Grams of every linear layer, or the diagonal Fisher). An existing OUTPUT made from the
+    same model, data and settings is reused."""
+    from alloykit.calibration import calibrate as run
+    from alloykit.io import parse_size
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=console, disable=no_progress)  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+
+    with bar:
+        stats = run(model, data, kind=kind, samples=samples, batch_size=batch_size, max_length=max_length,
+                    seed=seed, include=include, exclude=exclude, max_memory=parse_size(max_memory),
+                    output=output, force=force, progress=report, log=_log)  # fmt: skip
+    meta = stats.meta
+    console.print(
+        f"{output}: {len(stats.names())} tensors, {meta.get('samples')} samples"
+        + (f", up to {meta['tokens']} tokens per layer" if meta.get("tokens") else ""),
+        highlight=False,
+    )
+
+
+@app.command()
+@guarded
 def methods(
     name: Annotated[
         str | None, typer.Argument(help="one method to describe (default: a line for each)")

@@ -45,6 +45,8 @@ class MergeSpec:
     # Elementwise merges run on slices of this many elements (a fixed constant: DARE's random
     # masks are drawn per slice, so the slicing is part of the result).
     chunk_elements: int = 1 << 20
+    # Calibration statistics per model (methods that declare ``statistics``), aligned with models.
+    statistics: list[Any] | None = None
 
 
 @dataclass
@@ -56,7 +58,7 @@ class TensorJob:
     copy_from: int  # reader index (len(models) = the base) to copy from when not merged
     params: dict[str, Any]
     read_bytes: int
-    cost: int  # bytes held while the job runs (planning estimate)
+    cost: int  # bytes held while the job runs (planning estimate, statistics included)
     compute_dtype: torch.dtype | None = None  # inputs are cast to this before the method
     # A slice of the flattened tensor (elementwise methods are streamed in chunks so that no
     # job holds a whole embedding); ``length=None`` means the whole tensor.
@@ -204,6 +206,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
     ordered = sorted(names, key=_natural_key)
     depth = _layer_position(ordered)
 
+    check_statistics(spec, readers, key_sets)
     include = [re.compile(p) for p in spec.include or []]
     exclude = [re.compile(p) for p in spec.exclude or []]
     global_resolved = method.resolve(n, spec.preset, spec.global_params, model_params)
@@ -254,6 +257,10 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             per_elem = 0
             split = True  # a copy is elementwise
         per_elem += readers_used * src_meta.dtype.itemsize + out_dtype.itemsize
+        stat_bytes = 0
+        if merge and spec.statistics is not None:
+            stat_bytes = sum(spec.statistics[i].nbytes(name) for i in sources)
+            split = split and stat_bytes == 0  # statistics belong to the whole tensor
         step = spec.chunk_elements if split and spec.chunk_elements else max(numel, 1)
         for start in range(0, max(numel, 1), step):
             length = min(step, numel - start) if numel else 0
@@ -266,8 +273,8 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                     merge,
                     copy_from,
                     params,
-                    read_bytes=readers_used * length * src_meta.dtype.itemsize,
-                    cost=int(per_elem * length),
+                    read_bytes=readers_used * length * src_meta.dtype.itemsize + stat_bytes,
+                    cost=int(per_elem * length) + 3 * stat_bytes,
                     compute_dtype=compute,
                     start=start,
                     length=None if whole else length,
@@ -301,6 +308,65 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             if pname in given:
                 warnings.append(f"{method.name}: parameter {pname!r} has no effect: {why}")
     return MergePlan(spec, jobs, passes, global_resolved, warnings)
+
+
+def check_statistics(spec: MergeSpec, readers: list[CheckpointReader], key_sets: list[set[str]]) -> None:
+    """Statistics are checked before any tensor is read: one source per model when the method
+    reads them, every entry naming a tensor of that model, with a matching input width (or
+    shape), and the tokenizer they were computed with matching the model's own."""
+    method = spec.method
+    n = len(spec.models)
+    if method.statistics is None:
+        if spec.statistics is not None and any(s is not None for s in spec.statistics):
+            raise ParameterError(f"{method.name} does not use calibration statistics; remove them")
+        return
+    if spec.statistics is None or len(spec.statistics) != n or any(s is None for s in spec.statistics):
+        given = 0 if spec.statistics is None else sum(s is not None for s in spec.statistics)
+        raise ParameterError(
+            f"{method.name} needs calibration statistics ({method.statistics}) for each of the {n} models, "
+            f"got {given}: run `alloykit calibrate MODEL --data FILE -o stats.safetensors` for each "
+            "fine-tuned model and give it as the model's `statistics:` in the recipe (statistics= in the API)"
+        )
+    from alloykit.calibration.data import tokenizer_fingerprint
+    from alloykit.calibration.statistics import statistics_label
+
+    for i, source in enumerate(spec.statistics):
+        reader = readers[i]
+        where = statistics_label(source, reader.label)
+        kind = (getattr(source, "meta", {}) or {}).get("kind")
+        if kind is not None and kind != method.statistics:
+            raise MismatchError(f"{where}: hold {kind} statistics; {method.name} needs {method.statistics}")
+        stored = ((getattr(source, "meta", {}) or {}).get("model") or {}).get("tokenizer")
+        own = tokenizer_fingerprint(reader.folder) if stored else None
+        if stored and own and stored != own:
+            raise MismatchError(
+                f"{where}: computed with another tokenizer than the one in {reader.folder}; calibrate this "
+                "model with its own tokenizer"
+            )
+        names = source.names()
+        if not names:
+            raise MismatchError(f"{where}: holds no statistics")
+        for name in names:
+            if name not in key_sets[i]:
+                raise MismatchError(
+                    f"{where}: has statistics for tensor {name!r}, which {reader.label} does not hold: "
+                    "statistics of another model?"
+                )
+            info = source.info(name)
+            shape = reader.meta(name).shape
+            if "fisher" in info:
+                if tuple(info["fisher"]) != tuple(shape):
+                    raise MismatchError(
+                        f"{where}: Fisher of {name!r} has shape {list(info['fisher'])}, "
+                        f"the tensor {list(shape)}"
+                    )
+                continue
+            d_in = info["gram"][0] if "gram" in info else info["inputs"][1]
+            if len(shape) != 2 or d_in != shape[0 if info.get("transposed") else 1]:
+                raise MismatchError(
+                    f"{where}: input statistics of {name!r} are {d_in} wide, the tensor's input side is "
+                    f"{list(shape)}: statistics of another model?"
+                )
 
 
 def _refuse_per_tensor_values(

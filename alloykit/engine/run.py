@@ -173,8 +173,42 @@ def _copy(plan: MergePlan, job: TensorJob, digests: InputDigests | None) -> torc
     return chosen
 
 
-def _context(spec: Any, job: TensorJob, state: Any) -> TensorContext:
-    return TensorContext(job.name, spec.seed, state, offset=job.start)
+def _statistics(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor]) -> tuple[Any, ...]:
+    """Each source model's statistics entry for this tensor (None where it has none), checked
+    finite and, where they carry the weight's signature, computed on this very weight."""
+    spec = plan.spec
+    if spec.statistics is None or spec.method.statistics is None:
+        return ()
+    from alloykit.calibration.statistics import check_finite, signature_matches, statistics_label
+
+    out = []
+    for i, x in zip(job.sources, tensors, strict=True):
+        source = spec.statistics[i]
+        entry = source.get(job.name)
+        if entry is not None:
+            where = statistics_label(source, spec.models[i].label)
+            check_finite(job.name, entry, where)
+            sig = entry.get("signature")
+            if sig is not None and not signature_matches(sig, x, entry.get("signature_dtype")):
+                raise MismatchError(
+                    f"{where}: were computed on another weight for {job.name!r} than this model holds "
+                    "(another model, or another checkpoint of it); calibrate this model"
+                )
+        out.append(entry)
+    present = [e is not None for e in out]
+    if any(present) and not all(present):
+        missing = [spec.models[i].label for i, p in zip(job.sources, present, strict=True) if not p]
+        raise MismatchError(
+            f"tensor {job.name!r} has statistics for some models but not for {missing}; calibrate every "
+            "model with the same layers"
+        )
+    return tuple(out)
+
+
+def _context(
+    spec: Any, job: TensorJob, state: Any, statistics: tuple[Any, ...] = (), notes: list[str] | None = None
+) -> TensorContext:
+    return TensorContext(job.name, spec.seed, state, offset=job.start, statistics=statistics, notes=notes)
 
 
 def run_plan(
@@ -212,13 +246,14 @@ def run_plan(
     sq_base = [0.0]
     t0 = time.perf_counter()
     unchanged = [0]
+    notes: list[str] = []  # methods' remarks (list.append is atomic: workers share it)
     with PeakRSS() as rss, intra_op_threads(threads):
         state: Any = None
         for p in range(plan.reduction_passes):
 
             def reduce_one(job: TensorJob, _p: int = p, _state: Any = state) -> Any:
                 tensors, base = _inputs(plan, job, check=_p == 0)  # inputs are checked once
-                ctx = _context(spec, job, _state)
+                ctx = _context(spec, job, _state, _statistics(plan, job, tensors))  # no notes: said once
                 return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
 
             acc = None
@@ -237,7 +272,8 @@ def run_plan(
                 sink.write(job.name, t.to(job.out.dtype), start)
                 return [], 0.0, False
             tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
-            merged = method.fn(tensors, base, _context(spec, job, state), **job.params)
+            ctx = _context(spec, job, state, _statistics(plan, job, tensors), notes)
+            merged = method.fn(tensors, base, ctx, **job.params)
             expected = job.out.shape if job.length is None else (job.length,)
             if tuple(merged.shape) != expected:
                 raise RuntimeError(
@@ -271,6 +307,7 @@ def run_plan(
         report.bytes_written = plan.write_bytes
         if digests is not None:
             report.digests = digests.combined()
+    report.warnings += sorted(set(notes))
     n_merged_jobs = len(merged_jobs)
     if n_merged_jobs and unchanged[0] == n_merged_jobs:
         report.warnings.append(

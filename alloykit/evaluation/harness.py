@@ -2,7 +2,9 @@
 
 A :class:`Suite` is what any benchmark (or user) supplies: the base state dict, one fine-tuned
 state dict per task, the tasks, and an ``evaluate(state_dict, split, task_names)`` function that
-returns each named task's accuracy for a backbone (each task with its own head). The harness knows
+returns each named task's accuracy for a backbone (each task with its own head), and optionally a
+``statistics(kind)`` provider that gives each task's calibration statistics (``activations`` or
+``fisher``, aligned with the tasks) for methods that declare they read them. The harness knows
 nothing of models or data beyond that, and nothing of any method beyond the registry: a method
 registered later is run without changes here.
 
@@ -41,6 +43,8 @@ class Suite:
     base: StateDict
     finetuned: dict[str, StateDict]  # task name -> fine-tuned state dict
     evaluate: Evaluate
+    # kind ("activations" | "fisher") -> per task (in ``tasks`` order) its statistics
+    statistics: Callable[[str], Sequence[Any]] | None = None
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
@@ -117,7 +121,14 @@ def _merge(
 
     models = [suite.finetuned[n] for n in suite.names]
     base = suite.base if method.needs_base else None
-    result = merge(models, base, method.name, preset=preset, parameters=dict(params), workers=workers)
+    stats = None
+    if method.statistics is not None:
+        if suite.statistics is None:
+            raise AlloykitError(f"{method.name} needs calibration statistics; this suite provides none")
+        stats = list(suite.statistics(method.statistics))
+    result = merge(
+        models, base, method.name, preset=preset, parameters=dict(params), workers=workers, statistics=stats
+    )
     assert result.state_dict is not None
     return result.state_dict
 

@@ -145,6 +145,17 @@ class TensorContext:
     seed: int = 0
     stats: Any = None
     offset: int = 0  # where the tensors start in the flattened parameter, when given a slice
+    # Per model (aligned with ``tensors``): its calibration statistics for this tensor (see
+    # alloykit.calibration.statistics), or None where it has none. Empty for methods that
+    # declare no statistics.
+    statistics: tuple[dict[str, Any] | None, ...] = ()
+    # Where ``warn`` collects messages for the merge report (None: they are dropped).
+    notes: list[str] | None = None
+
+    def warn(self, message: str) -> None:
+        """A remark for the merge report (e.g. a rank above what the data supports)."""
+        if self.notes is not None:
+            self.notes.append(message)
 
     def generator(self, stream: int = 0) -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, stream, slice offset): the same numbers
@@ -205,6 +216,10 @@ class MergeMethod:
     # ``check(params, where)``: raises ParameterError for values that are valid one by one but
     # not together (weights summing to zero); the planner calls it for every merged tensor.
     check: Callable[[dict[str, Any], str], None] | None = None
+    # Calibration statistics the method reads: "activations" (input Grams) or "fisher"; the
+    # engine requires one statistics source per model and hands each tensor's entries to the
+    # method in ``ctx.statistics``.
+    statistics: str | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -350,6 +365,7 @@ def merge_method(
     search: SearchSpace | None = None,
     ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None,
     check: Callable[[dict[str, Any], str], None] | None = None,
+    statistics: str | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -371,6 +387,7 @@ def merge_method(
             dict(search or {}),
             ignores,
             check,
+            statistics,
         )
         for values in m.presets.values():
             for k in values:

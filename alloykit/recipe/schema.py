@@ -8,6 +8,7 @@ An alloykit recipe::
     models:
       - model: ./ft-math
         parameters: {weight: 1.0, density: 0.2}
+        statistics: ./ft-math.stats.safetensors   # methods that read data (esm, regmean, fisher)
       - model: ./ft-code
     parameters: {lambda: 1.0}  # global values; per-model ones here apply to every model
     dtype: float32           # compute dtype ("auto": the inputs' own)
@@ -37,6 +38,8 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+    # calibration statistics of this model (``alloykit calibrate``), for ESM, RegMean, Fisher
+    statistics: str | None = None
 
 
 class OutputOptions(BaseModel):
@@ -66,6 +69,9 @@ class Recipe(BaseModel):
         """Keyword arguments of :func:`alloykit.merge` (besides output and run options)."""
         return dict(
             models=[m.model for m in self.models],
+            statistics=[m.statistics for m in self.models]
+            if any(m.statistics for m in self.models)
+            else None,
             base_model=self.base_model,
             method=self.method,
             preset=self.preset,
@@ -113,6 +119,7 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
     recipe.base_model = _resolve_path(recipe.base_model, folder)
     for m in recipe.models:
         m.model = _resolve_path(m.model, folder)
+        m.statistics = _resolve_path(m.statistics, folder)
     recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
     return recipe
 

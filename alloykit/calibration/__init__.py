@@ -1,0 +1,184 @@
+"""Calibration: running unlabeled (or labelled) data through a model and keeping the statistics
+that data-aware merges need (ESM, RegMean: input Grams; Fisher merging: diagonal Fisher).
+
+``calibrate(model, data, ...)`` takes a Hugging Face folder with a text/JSONL file, or an
+``nn.Module`` with a list of batches, and returns statistics (written to ``output`` and reused
+when the same model, data and settings come again). A method never opens these files: the
+engine reads the entry of each tensor and hands it to the method in its context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloykit.calibration.collect import (
+    Target,
+    collect_activation_statistics,
+    collect_fisher,
+    hf_log_probs,
+    linear_layers,
+)
+from alloykit.calibration.statistics import (
+    Statistics,
+    StatisticsFile,
+    StatisticsSource,
+    gram_of,
+    open_statistics,
+)
+from alloykit.errors import CheckpointError, OutputExistsError, ParameterError
+
+__all__ = [
+    "Statistics",
+    "StatisticsFile",
+    "StatisticsSource",
+    "Target",
+    "calibrate",
+    "collect_activation_statistics",
+    "collect_fisher",
+    "gram_of",
+    "linear_layers",
+    "open_statistics",
+]
+
+KINDS = ("activations", "fisher")
+
+
+def calibrate(
+    model: str | os.PathLike | torch.nn.Module,
+    data: str | os.PathLike | Sequence[Any],
+    *,
+    kind: str = "activations",
+    samples: int | None = 32,
+    batch_size: int = 8,
+    max_length: int = 128,
+    seed: int = 0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    store: str = "auto",
+    dtype: str = "float64",
+    max_memory: int | None = 2 << 30,
+    estimator: str = "empirical",
+    log_probs: Callable | None = None,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StatisticsSource:
+    """Statistics of ``model`` over ``data``.
+
+    * ``model``: a Hugging Face folder (its class from ``config.json``, its tokenizer) or an
+      ``nn.Module``. ``data``: with a folder, a text file (one sample a line) or JSON Lines
+      (``{"text": ..., "label": ...}``), of which ``samples`` are drawn with ``seed``; with a
+      module, a list of batches (mappings are passed as keyword arguments; an
+      ``attention_mask`` entry marks padding).
+    * ``kind``: ``activations`` (input Grams of linear layers) or ``fisher`` (needs labels).
+    * ``output``: a safetensors file; if it exists and was made from the same model, data and
+      settings it is reused as is, if it was made from others it is refused unless ``force``.
+    """
+    if kind not in KINDS:
+        raise ParameterError(f"kind = {kind!r} is not allowed; expected one of {', '.join(KINDS)}")
+    from alloykit.calibration.data import (
+        data_hash,
+        load_hf_model,
+        model_fingerprint,
+        pick,
+        read_samples,
+        tokenize,
+        tokenizer_fingerprint,
+    )
+    from alloykit.dtypes import parse_dtype
+
+    store_dtype = parse_dtype(dtype, "dtype") or torch.float64
+    rename = None
+    tokenizer_hash = None
+    if isinstance(model, str | os.PathLike):
+        folder = Path(model)
+        if isinstance(data, str | os.PathLike):
+            items = pick(read_samples(data), samples, seed)
+        else:
+            raise ParameterError("with a model folder, give data as a text or JSON Lines file path")
+        module, tokenizer, rename = load_hf_model(folder)
+        batches = tokenize(tokenizer, items, batch_size, max_length)
+        tokenizer_hash = tokenizer_fingerprint(folder)
+        data_id = data_hash([items, max_length])
+        model_label = str(folder)
+    else:
+        module = model
+        if isinstance(data, str | os.PathLike):
+            raise ParameterError("with an nn.Module, give data as a list of batches (tensors or dicts)")
+        batches = list(data)  # a module's batches are used as given (``samples`` is for files)
+        data_id = data_hash(batches)
+        model_label = type(module).__name__
+    settings = {
+        "kind": kind,
+        "include": list(include or []),
+        "exclude": list(exclude or []),
+        "store": store,
+        "dtype": str(store_dtype).removeprefix("torch."),
+        "estimator": estimator if kind == "fisher" else None,
+        "samples": samples,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    fingerprint = model_fingerprint(module.state_dict())
+    meta = {
+        "kind": kind,
+        "model": {"label": model_label, "fingerprint": fingerprint, "tokenizer": tokenizer_hash},
+        "data": data_id,
+        "settings": settings,
+    }
+    if output is not None and Path(output).exists():
+        existing = StatisticsFile(output)
+        same = (
+            existing.meta.get("model", {}).get("fingerprint") == fingerprint
+            and existing.meta.get("data") == data_id
+            and existing.meta.get("settings") == settings
+        )
+        if same:
+            if log:
+                log(f"{output}: statistics of this model, data and settings exist; reused")
+            return existing
+        if not force:
+            raise OutputExistsError(
+                f"{output} holds statistics of another model, data or settings; choose another file or "
+                "pass force=True (--force) to replace it"
+            )
+    if kind == "activations":
+        stats = collect_activation_statistics(
+            module, batches, include=include, exclude=exclude, store=store, dtype=store_dtype,
+            max_memory=max_memory, rename=rename, progress=progress,
+        )  # fmt: skip
+        tokens = {e["tokens"] for e in stats.entries.values()}
+        meta["tokens"] = max(tokens) if tokens else 0
+    else:
+        if log_probs is None:
+            log_probs = hf_log_probs
+        stats = collect_fisher(
+            module, batches, log_probs=log_probs, estimator=estimator, include=include, exclude=exclude,
+            dtype=store_dtype, rename=rename, progress=progress,
+        )  # fmt: skip
+    meta["samples"] = sum(_batch_size(b) for b in batches)
+    stats.meta.update(meta)
+    stats.label = model_label
+    if output is not None:
+        stats.save(output)
+        if log:
+            log(f"{output}: statistics of {len(stats.entries)} tensors written")
+        return StatisticsFile(output)
+    return stats
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None and first.dim() else 1
+    if isinstance(batch, tuple | list):
+        return _batch_size(batch[0]) if batch else 0
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    raise CheckpointError(f"cannot read a batch of type {type(batch).__name__}")

@@ -1,0 +1,326 @@
+"""ESM, Essential Subspace Merging: truncate each task's update in the subspace of the output
+shifts it causes on calibration data, rescale, decorrelate across tasks, add."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from alloykit.calibration.statistics import gram_of
+from alloykit.methods._svd import thin_svd, tsv_m_matrix, tsv_rank
+from alloykit.methods.base import Continuous, Param, TensorContext, merge_method
+
+# The reference code (ViT) averages CLIP's text_projection instead of decomposing it.
+VIT_SUBSPACE = [{"filter": "text_projection", "value": "mean"}, {"value": "essential"}]
+PRESETS = {
+    # ESM-ViT/src/utils/esm_utils.py: all four scaling levels, a factor 2, α only on the
+    # matrices merged in the essential subspace.
+    "vit": {"subspace": VIT_SUBSPACE},
+    # ESM-RoBERTa/merge.py: eigenvalue power and inter-layer scaling only, no factor, α on every
+    # merged tensor, at least one direction per task.
+    "roberta": {
+        "task_power": 0.0,
+        "column_power": 0.0,
+        "factor": 1.0,
+        "alpha_scope": "all",
+        "min_rank": 1,
+        "subspace": "essential",
+    },
+}
+
+
+def layer_type(name: str) -> str:
+    """The tensor's name with its layer indices removed: tensors of one type across layers."""
+    return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)
+
+
+# ----------------------------------------------------------------------------- one matrix
+
+
+def essential_basis(
+    delta: torch.Tensor, entry: dict[str, Any], tol: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Principal directions E (d_out × d_out, orthonormal, by decreasing eigenvalue) and
+    eigenvalues λ of the output shift ΔO = X ΔWᵀ, from the eigen-decomposition of
+    ΔW (XᵀX) ΔWᵀ = ΔOᵀΔO (the uncentred PCA of ΔO, up to the 1/(N − 1) that no level reads);
+    eigenvalues ≤ ``tol`` · λ_max are set to 0 (exactly, as the reference's padded ones).
+    Returns (E, λ, numerical rank)."""
+    g = gram_of(entry, delta.dtype)
+    m = delta @ g @ delta.T
+    m = (m + m.T) / 2  # symmetric to rounding, for eigh
+    lam, vec = torch.linalg.eigh(m)
+    lam, vec = lam.flip(0), vec.flip(1)
+    top = float(lam[0]) if lam.numel() else 0.0
+    lam = torch.where(lam > tol * top, lam, torch.zeros_like(lam)) if top > 0 else torch.zeros_like(lam)
+    return vec, lam, int((lam > 0).sum())
+
+
+def reference_norm(delta: torch.Tensor, basis: torch.Tensor, tokens: int) -> torch.Tensor:
+    """‖Eᵀ ΔW‖_F over the reference code's basis: with fewer rows N than outputs d_out its SVD
+    yields N directions and pads the basis with the identity columns e_N … e_{d_out−1}, which
+    are not orthogonal to them; so n² = ‖E_Nᵀ ΔW‖² + Σ_{i ≥ N} ‖ΔW_i,:‖²."""
+    d_out = delta.shape[0]
+    if tokens >= d_out:
+        return torch.linalg.matrix_norm(delta)
+    head = basis[:, :tokens].T @ delta
+    tail = delta[tokens:]
+    return torch.sqrt(head.square().sum() + tail.square().sum())
+
+
+def essential_factors(
+    deltas: list[torch.Tensor],
+    entries: list[dict[str, Any]],
+    *,
+    eigen_power: float,
+    task_power: float,
+    column_power: float,
+    min_rank: int,
+    rank: str,
+    basis_norm: str,
+    tol: float,
+    warn: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The scaled, concatenated factors (E, C) of one d_out × d_in matrix, before the polar step
+    (None when every task's block is zero).
+
+    Per task: E_t, λ_t from :func:`essential_basis`; r = int(d_out · (1/T)) (raised to
+    ``min_rank``; capped at the numerical rank with ``rank="numerical"``); Ê_t = E_t[:, :r],
+    Ĉ_t = Ê_tᵀ ΔW_t; (a) g = (λ_i / mean λ)^γ, renormalised to mean 1, scales the columns of
+    Ê_t and the rows of Ĉ_t; (b) Ĉ_t × (n_t / mean_s n_s)^p_task with n_t = ‖E_tᵀ ΔW_t‖_F.
+    Concatenated: E = [Ê_1 g_1 … Ê_T g_T], C = [g_1 Ĉ_1; …]; (c) column j of C ×
+    (‖C_:,j‖ / mean_k ‖C_:,k‖)^p_col. A task with ΔW_t = 0 contributes no block (its n_t = 0
+    still counts in the mean, as in the reference code's list of norms).
+    """
+    d_out = deltas[0].shape[0]
+    r = tsv_rank(d_out, len(deltas), min_rank)
+    e_blocks, c_blocks, norms = [], [], []
+    for t, (delta, entry) in enumerate(zip(deltas, entries, strict=True)):
+        basis, lam, numerical = essential_basis(delta, entry, tol)
+        norms.append(
+            reference_norm(delta, basis, int(entry["tokens"]))
+            if basis_norm == "reference"
+            else torch.linalg.matrix_norm(delta)
+        )
+        keep = min(r, numerical) if rank == "numerical" else r
+        if numerical < r and warn is not None and numerical > 0:
+            how = "capped" if rank == "numerical" else "kept (directions past the rank are arbitrary)"
+            warn(f"r = {r} exceeds the numerical rank {numerical} of task {t}'s output shift: {how}")
+        lam_r = lam[:keep]
+        if keep == 0 or float(lam_r.sum()) == 0.0:
+            e_blocks.append(None)
+            c_blocks.append(None)
+            continue
+        g = (lam_r / lam_r.mean()).pow(eigen_power)
+        g = g / g.mean()
+        e_hat = basis[:, :keep]
+        e_blocks.append(e_hat * g[None, :])
+        c_blocks.append((e_hat.T @ delta) * g[:, None])
+    mean_norm = torch.stack(norms).mean()
+    if float(mean_norm) == 0.0 or all(b is None for b in e_blocks):
+        return None
+    c_scaled = []
+    for c, n in zip(c_blocks, norms, strict=True):
+        if c is not None:
+            c_scaled.append(c * (n / mean_norm).pow(task_power) if task_power else c)
+    e_cat = torch.cat([e for e in e_blocks if e is not None], dim=1)
+    c_cat = torch.cat(c_scaled, dim=0)
+    if column_power:
+        cols = torch.linalg.vector_norm(c_cat, dim=0)
+        mean_col = cols.mean()
+        if float(mean_col) > 0:
+            c_cat = c_cat * (cols / mean_col).pow(column_power)[None, :]
+    return e_cat, c_cat
+
+
+def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, factor: float,
+               **levels: Any) -> torch.Tensor:  # fmt: skip
+    """Merged update of one matrix: ΔW = factor · σ̄(E) polar(E) · σ̄(C) polar(C) over the factors
+    of :func:`essential_factors`, σ̄ the mean singular value (a flat spectrum, as in Iso-C)."""
+    factors = essential_factors(deltas, entries, **levels)
+    if factors is None:
+        return deltas[0].new_zeros(deltas[0].shape)
+    u_e, s_e, vh_e = thin_svd(factors[0])
+    u_c, s_c, vh_c = thin_svd(factors[1])
+    return factor * s_e.mean() * s_c.mean() * ((u_e @ vh_e) @ (u_c @ vh_c))
+
+
+# ----------------------------------------------------------------------------- tensor rule
+
+
+def _branch(base: torch.Tensor, subspace: str, entries: tuple[Any, ...]) -> str:
+    if base.dim() != 2 or subspace == "mean":
+        return "mean"
+    if subspace == "essential" and entries and all(e is not None for e in entries):
+        return "essential"
+    return "tsv"
+
+
+def esm_update(
+    tensors: list[torch.Tensor], base: torch.Tensor, ctx: TensorContext, params: dict[str, Any]
+) -> tuple[torch.Tensor | None, str]:
+    """(update, branch) of one tensor before α and the inter-layer scale; None when every task
+    vector is zero (the base stays as it is)."""
+    wd = torch.float64 if params["precision"] == "float64" else torch.float32
+    b = base.to(wd)
+    deltas = [t.to(wd) - b for t in tensors]
+    if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
+        return None, "mean"
+    branch = _branch(base, params["subspace"], ctx.statistics)
+    if branch == "mean":
+        return torch.stack(deltas).mean(dim=0), branch
+    if branch == "tsv":
+        return tsv_m_matrix(deltas, min_rank=params["min_rank"]), branch
+    transposed = bool(ctx.statistics[0].get("transposed"))
+    if transposed:  # GPT-2 Conv1D: the weight is d_in × d_out
+        deltas = [d.T for d in deltas]
+    eps = torch.finfo(wd).eps
+    update = esm_matrix(
+        deltas,
+        list(ctx.statistics),
+        eigen_power=params["eigen_power"],
+        task_power=params["task_power"],
+        column_power=params["column_power"],
+        factor=params["factor"],
+        min_rank=params["min_rank"],
+        rank=params["rank"],
+        basis_norm=params["basis_norm"],
+        tol=max(deltas[0].shape) * eps,
+        warn=(lambda msg: ctx.warn(f"esm, {ctx.name!r}: {msg}")),
+    )
+    return (update.T if transposed else update), branch
+
+
+class LayerNorms:
+    """Inter-layer scaling needs every merged update of a type before any is final: one pass
+    computes each 2-D tensor's merged update and keeps only its Frobenius norm; ``finish``
+    turns them into (m_ℓ / mean m of the type)^p per tensor. The merge pass recomputes the
+    update (same bytes: same inputs, same thread count) and applies the factor."""
+
+    def passes(self, params: dict[str, Any]) -> int:
+        return 1 if params["layer_power"] != 0 else 0
+
+    def map(self, index: int, state: Any, tensors: list[torch.Tensor], base: torch.Tensor | None,
+            ctx: TensorContext, params: dict[str, Any]) -> dict[str, float]:  # fmt: skip
+        if base is None or base.dim() != 2:
+            return {}
+        update, branch = esm_update(tensors, base, ctx, params)
+        if branch == "mean":
+            return {}
+        return {ctx.name: 0.0 if update is None else float(torch.linalg.matrix_norm(update))}
+
+    def fold(self, index: int, acc: Any, partial: Any) -> Any:
+        return {**(acc or {}), **partial}
+
+    def finish(self, index: int, state: Any, acc: Any, params: dict[str, Any]) -> Any:
+        norms: dict[str, float] = acc or {}
+        by_type: dict[str, list[float]] = {}
+        for name, n in norms.items():
+            by_type.setdefault(layer_type(name), []).append(n)
+        means = {k: sum(v) / len(v) for k, v in by_type.items()}
+        p = params["layer_power"]
+        scale = {}
+        for name, n in norms.items():
+            mean = means[layer_type(name)]
+            scale[name] = (n / mean) ** p if mean > 0 else 1.0
+        return {"layer_scale": scale, "layer_norm": norms}
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@merge_method(
+    "esm",
+    search={"alpha": Continuous(0.0, 2.0, grid=tuple(round(0.25 * i, 2) for i in range(1, 9)))},
+    params=[
+        Param(
+            "alpha", float, 1.0, help="α, global scale (the authors search it on validation data in [0, 2])"
+        ),
+        Param(
+            "alpha_scope",
+            str,
+            "subspace",
+            choices=("subspace", "all"),
+            help="α scales only the matrices merged in the essential subspace, others ×1 (ViT code), "
+            "or every merged tensor (RoBERTa code)",
+        ),
+        Param(
+            "subspace",
+            str,
+            "essential",
+            choices=("essential", "tsv", "mean"),
+            help="per tensor: essential subspace where statistics exist (else TSV-M for 2-D), "
+            "TSV-M, or the mean",
+        ),
+        Param("eigen_power", float, 0.15, ge=0.0, help="γ of the eigenvalue-level scaling (λ/mean λ)^γ"),
+        Param("task_power", float, 2.0, ge=0.0, help="p of the inter-task scaling (n_t / mean n)^p (0: off)"),
+        Param("column_power", float, 2.0, ge=0.0, help="p of the inter-column scaling (0: off)"),
+        Param("layer_power", float, 2.0, ge=0.0, help="p of the inter-layer scaling (0: off, no extra pass)"),
+        Param("factor", float, 2.0, help="constant factor of the essential-subspace update (ViT code: 2)"),
+        Param("min_rank", int, 0, ge=0, help="at least this many directions per task (RoBERTa code: 1)"),
+        Param(
+            "rank",
+            str,
+            "reference",
+            choices=("reference", "numerical"),
+            help="r = int(d_out/T) as the reference code even past the numerical rank of the output "
+            "shift (warned), or capped at it",
+        ),
+        Param(
+            "basis_norm",
+            str,
+            "reference",
+            choices=("reference", "orthonormal"),
+            help="n_t over the reference code's basis (identity-padded when N < d_out) or ‖ΔW_t‖_F",
+        ),
+        Param("precision", str, "float64", choices=("float64", "float32"), help="decompositions' dtype"),
+    ],
+    needs_base=True,
+    presets=PRESETS,
+    default_preset="vit",
+    reduction=LayerNorms(),
+    memory_factor=6.0,
+    statistics="activations",
+)
+def esm(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    ctx: TensorContext,
+    **params: Any,
+) -> torch.Tensor:
+    """ESM: θ = θ_0 + α · s_ℓ · ΔW_ESM (Li, Qi, Tian & Geng, "Model Merging in the Essential
+    Subspace", CVPR 2026; code ``kiddo127/ESM``).
+
+    Per matrix with calibration statistics (input Gram XᵀX of the layer, each task's data through
+    its own fine-tune): the principal directions of the output shift ΔO_t = X_t ΔW_tᵀ, by
+    eigen-decomposition of ΔW_t (X_tᵀX_t) ΔW_tᵀ (the uncentred PCA of ΔO_t, with no N × d_out
+    matrix formed; exact for N < d_out); truncation to r = int(d_out/T) directions; polarized
+    scaling (eigenvalue power γ, inter-task, inter-column, inter-layer, each (x/mean x)^p);
+    concatenation over tasks and polar orthogonalisation with the mean singular value
+    (:func:`esm_matrix`). 2-D tensors without statistics: TSV-M (r = int(min(m, n)/T) triplets per
+    task); other tensors: the mean of the task vectors. Inter-layer scaling s_ℓ = (m_ℓ/m̄)^p, m_ℓ
+    = ‖ΔW_ℓ‖_F over the 2-D tensors of one type (the name with its layer indices removed), from a
+    reduction pass (:class:`LayerNorms`).
+
+    Presets: ``vit`` (default; the ViT code, the paper's headline results): all four levels,
+    factor 2, α on the essential-subspace matrices only, CLIP's ``text_projection`` averaged.
+    ``roberta`` (the RoBERTa code): eigenvalue power and inter-layer only, factor 1, α on every
+    merged tensor, at least one direction per task. α: the authors search it on validation data
+    (golden section on [0, 2] in the ViT code; declared here as the search space); default 1.
+
+    Deliberate deviations (see docs/methods-esm.md): a layer or task whose update is zero merges
+    to a zero update (the reference code gives NaN); eigenvalues below d·ε·λ_max are zero, as the
+    reference's padded ones are, so directions past the numerical rank get weight 0 (the
+    reference's float32 SVD leaves them tiny but non-zero and arbitrary); ``rank="numerical"``
+    caps r there; the decompositions run in float64 by default; ΔW_t = 0 for one task gives a
+    zero block (the reference would give NaN for the whole matrix).
+    """
+    update, branch = esm_update(tensors, base, ctx, params)
+    if update is None:
+        return base.clone()
+    scale = 1.0
+    if params["layer_power"] != 0 and ctx.stats is not None and branch != "mean":
+        scale = ctx.stats["layer_scale"].get(ctx.name, 1.0)
+    coef = params["alpha"] if (params["alpha_scope"] == "all" or branch == "essential") else 1.0
+    return (base.to(update.dtype) + (coef * scale) * update).to(base.dtype)

@@ -1,0 +1,353 @@
+"""ESM against the spec (§1.3–1.8): the Gram route, each scaling level by hand, sign invariance,
+the whole method against a slow literal implementation of the reference code, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alloykit import merge_state_dicts
+from alloykit.calibration import collect_activation_statistics
+from alloykit.methods import get_method
+from alloykit.methods.base import TensorContext
+from alloykit.methods.esm import esm_matrix, essential_basis, essential_factors, layer_type, reference_norm
+
+DT = torch.float64
+LEVELS = dict(
+    eigen_power=0.15,
+    task_power=2.0,
+    column_power=2.0,
+    min_rank=0,
+    rank="reference",
+    basis_norm="reference",
+    tol=1e-12,
+)
+
+
+def test_the_gram_route_equals_the_svd_of_the_output_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, generator=g, dtype=DT)
+    delta = torch.randn(20, 12, generator=g, dtype=DT)
+    basis, lam, rank = essential_basis(delta, {"gram": x.T @ x, "tokens": 40}, 1e-12)
+    _, s, vh = torch.linalg.svd(x @ delta.T, full_matrices=False)
+    assert rank == 12  # ΔO = X ΔWᵀ has rank d_in here
+    torch.testing.assert_close(lam[:12], s[:12] ** 2, rtol=1e-10, atol=1e-10)
+    assert torch.all(lam[12:] == 0)  # below the numerical rank: exactly zero, as the reference pads
+    for r in (3, 7, 12):  # top-r projectors agree (eigenvectors only up to sign)
+        p_ours = basis[:, :r] @ basis[:, :r].T
+        p_svd = vh[:r].T @ vh[:r]
+        torch.testing.assert_close(p_ours, p_svd, rtol=1e-9, atol=1e-9)
+    # raw inputs give the same as their Gram
+    b2, l2, _ = essential_basis(delta, {"inputs": x, "tokens": 40}, 1e-12)
+    torch.testing.assert_close(l2, lam)
+
+
+def test_reference_norm_over_the_padded_basis():
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(10, 6, generator=g, dtype=DT)
+    x = torch.randn(4, 6, generator=g, dtype=DT)  # N = 4 < d_out = 10
+    basis, _, _ = essential_basis(delta, {"inputs": x, "tokens": 4}, 1e-12)
+    # the reference: the SVD's N directions, then identity columns e_N … e_9
+    _, _, vh = torch.linalg.svd(x @ delta.T, full_matrices=False)
+    padded = torch.eye(10, dtype=DT)
+    padded[:, :4] = vh.T
+    expected = torch.linalg.matrix_norm(padded.T @ delta)
+    torch.testing.assert_close(reference_norm(delta, basis, 4), expected)
+    assert float(reference_norm(delta, basis, 10)) == pytest.approx(float(torch.linalg.matrix_norm(delta)))
+
+
+def _identity_gram(d: int) -> dict:
+    return {"gram": torch.eye(d, dtype=DT), "tokens": 100}
+
+
+def test_each_scaling_level_on_a_two_task_example_by_hand():
+    # G = I, so ΔW Wᵀ gives the directions: task 1 along e1 (λ 9, 1), task 2 along e2 (λ 4).
+    d1 = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=DT)
+    d2 = torch.tensor([[0.0, 0.0], [0.0, 2.0]], dtype=DT)
+    entries = [_identity_gram(2), _identity_gram(2)]
+    e, c = essential_factors([d1, d2], entries, **LEVELS)  # r = int(2 · 1/2) = 1
+    n1, n2 = math.sqrt(10), 2.0
+    mean = (n1 + n2) / 2
+    a, b = (n1 / mean) ** 2, (n2 / mean) ** 2  # (b) inter-task
+    # one direction per task: (a) renormalises g to 1; columns of C before (c): [3a, 0], [0, 2b]
+    rows = torch.tensor([[3 * a, 0.0], [0.0, 2 * b]], dtype=DT)
+    cols = rows.abs().sum(0)
+    expected_c = rows * ((cols / cols.mean()) ** 2)[None, :]  # (c) inter-column
+    torch.testing.assert_close(e.abs(), torch.eye(2, dtype=DT))
+    torch.testing.assert_close(c.abs(), expected_c)
+    # polar of the identity and of a positive diagonal are I; σ̄(C) is the mean of the diagonal
+    merged = esm_matrix([d1, d2], entries, factor=2.0, **LEVELS)
+    torch.testing.assert_close(merged, 2.0 * float(expected_c.diagonal().mean()) * torch.eye(2, dtype=DT))
+    # without (b) and (c) (RoBERTa code): C = diag(3, 2), ΔW = factor · 2.5 · I
+    plain = esm_matrix([d1, d2], entries, factor=1.0, **{**LEVELS, "task_power": 0.0, "column_power": 0.0})
+    torch.testing.assert_close(plain, 2.5 * torch.eye(2, dtype=DT))
+
+
+def test_eigenvalue_level_by_hand():
+    # one task, d_out = 2, T = 1: r = 2 directions with λ = 9, 1; γ = 0.5:
+    # g = (λ/5)^0.5 / mean = [1.5, 0.5]
+    d = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=DT)
+    e, c = essential_factors([d], [_identity_gram(2)], **{**LEVELS, "eigen_power": 0.5, "column_power": 0.0})
+    torch.testing.assert_close(e.abs(), torch.diag(torch.tensor([1.5, 0.5], dtype=DT)))
+    torch.testing.assert_close(c.abs(), torch.diag(torch.tensor([4.5, 0.5], dtype=DT)))
+
+
+def test_esm_is_invariant_to_eigenvector_signs(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(12, 8, generator=g, dtype=DT) for _ in range(3)]
+    entries = [{"inputs": torch.randn(30, 8, generator=g, dtype=DT), "tokens": 30} for _ in range(3)]
+    expected = esm_matrix(deltas, entries, factor=2.0, **LEVELS)
+    real = torch.linalg.eigh
+
+    def flipped(m):
+        lam, vec = real(m)
+        signs = torch.where(torch.rand(vec.shape[1], generator=g) < 0.5, -1.0, 1.0).to(vec.dtype)
+        return lam, vec * signs
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipped)
+    torch.testing.assert_close(esm_matrix(deltas, entries, factor=2.0, **LEVELS), expected)
+
+
+def test_layer_type_removes_layer_indices():
+    name = "encoder.layer.11.attention.self.query.weight"
+    assert layer_type(name) == "encoder.layer.*.attention.self.query.weight"
+    assert layer_type("blocks.0.mlp.0.weight") == "blocks.*.mlp.*.weight"
+    assert layer_type("0.weight") == "*.weight" and layer_type("head.weight") == "head.weight"
+
+
+# ----------------------------------------------------------------------------- whole method
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+class Net(nn.Module):
+    # d_in ≥ d: every layer's inputs span their space, so r = int(d_out/T) stays within the rank
+    # of the output shift and the reference code's directions are all determined
+    def __init__(self, d_in: int = 12, d: int = 10, n_out: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(3))
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def _family(n_tasks: int, seed: int = 0):
+    torch.manual_seed(seed)
+    base = Net().double()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    fts = []
+    for _ in range(n_tasks):
+        m = Net().double()
+        m.load_state_dict(base_sd)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        fts.append(m)
+    data = [[torch.randn(n, 12, dtype=torch.float64) for n in (7, 5, 9)] for _ in range(n_tasks)]  # N = 21
+    return base_sd, fts, data
+
+
+def _raw_inputs(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Every Linear's input rows, captured by hand (independently of alloykit's collector)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str):
+        return lambda m, a, o: rows.setdefault(name + ".weight", []).append(a[0].detach())
+
+    hooks = [
+        mod.register_forward_hook(keep(n)) for n, mod in model.named_modules() if isinstance(mod, nn.Linear)
+    ]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def _literal_esm(base, fts, inputs, esd_keys, alpha, preset):
+    """A slow, literal port of the reference code (ESM-ViT esm_merge / ESM-RoBERTa esm) in float64,
+    following spec §1.4, with the output shift ΔO formed explicitly and decomposed by SVD."""
+    vit = preset == "vit"
+    n_tasks = len(fts)
+    red = 1.0 / n_tasks
+    new, branch = {}, {}
+    for key, b in base.items():
+        taus = [ft[key] - b for ft in fts]
+        if b.dim() == 2 and key in esd_keys:
+            sum_u, sum_v, norms = [], [], []
+            for t, tau in enumerate(taus):
+                x = inputs[t][key]
+                n, d_out = x.shape[0], tau.shape[0]
+                d_o = x @ tau.T
+                _, s, vh = torch.linalg.svd(d_o, full_matrices=False)
+                lam = s**2 / (n - 1)
+                vec = vh.T
+                if vec.shape[1] < d_out:  # the reference's identity padding
+                    full = torch.eye(d_out, dtype=vec.dtype)
+                    full[:, : vec.shape[1]] = vec
+                    lam = torch.cat([lam, torch.zeros(d_out - len(lam), dtype=lam.dtype)])
+                    vec = full
+                order = torch.argsort(lam, descending=True, stable=True)
+                vec, lam = vec[:, order], lam[order]
+                r = int(d_out * red) if vit else max(1, int(d_out * red))
+                v = vec.T @ tau
+                nv = torch.norm(v)
+                norms.append(nv)
+                if vit:
+                    v = v * nv**2
+                ev = lam[:r]
+                scale = torch.pow(ev / ev.mean(), 0.15)
+                scale = scale / scale.mean()
+                sum_u.append(vec[:, :r] * scale[None, :])
+                sum_v.append(v[:r] * scale[:, None])
+            u = torch.cat(sum_u, 1)
+            v = torch.cat(sum_v, 0)
+            if vit:
+                v = v / torch.stack(norms).mean() ** 2
+                cols = torch.norm(v, dim=0)
+                v = v * (cols / cols.mean())[None, :] ** 2
+            uu, su, vu = torch.linalg.svd(u, full_matrices=False)
+            uv, sv, vv = torch.linalg.svd(v, full_matrices=False)
+            new[key] = (uu @ vu * su.mean()) @ (uv @ vv * sv.mean()) * (2 if vit else 1)
+            branch[key] = "esd"
+        elif b.dim() == 2:
+            us, ss, vs = [], [], []
+            for tau in taus:
+                uu, s, vh = torch.linalg.svd(tau, full_matrices=False)
+                k = int(s.shape[0] * red) if vit else max(1, int(s.shape[0] * red))
+                us.append(uu[:, :k])
+                ss.append(s[:k])
+                vs.append(vh[:k])
+            uu, _, vu = torch.linalg.svd(torch.cat(us, 1), full_matrices=False)
+            uv, _, vv = torch.linalg.svd(torch.cat(vs, 0), full_matrices=False)
+            new[key] = uu @ vu @ torch.diag(torch.cat(ss)) @ uv @ vv
+            branch[key] = "tsv"
+        else:
+            new[key] = torch.stack(taus).mean(0)
+            branch[key] = "mean"
+    # inter-layer scaling over the 2-D updates of each type
+    types: dict[str, list[str]] = {}
+    for key in new:
+        if branch[key] != "mean":
+            types.setdefault(layer_type(key), []).append(key)
+    for keys in types.values():
+        mean = torch.stack([torch.norm(new[k]) for k in keys]).mean()
+        for k in keys:
+            new[k] = new[k] * (torch.norm(new[k]) / mean) ** 2
+    out = {}
+    for key, b in base.items():
+        coef = alpha if (not vit or branch[key] == "esd") else 1.0
+        out[key] = b + coef * new[key]
+    return out
+
+
+@pytest.mark.parametrize("preset", ["vit", "roberta"])
+@pytest.mark.parametrize("n_tasks", [2, 3])
+def test_esm_equals_a_literal_port_of_the_reference_code(preset, n_tasks):
+    base, fts, data = _family(n_tasks)
+    fts_sd = [m.state_dict() for m in fts]
+    inputs = [_raw_inputs(m, d) for m, d in zip(fts, data, strict=True)]
+    # the head keeps the TSV-M branch: no statistics for it
+    stats = [collect_activation_statistics(m, d, exclude=["^head$"]) for m, d in zip(fts, data, strict=True)]
+    esd = set(stats[0].names())
+    assert "head.weight" not in esd and "blocks.1.fc2.weight" in esd
+    for alpha in (1.0, 0.7):
+        ours = merge_state_dicts(
+            fts_sd, base, "esm", preset=preset, parameters={"alpha": alpha}, statistics=stats, dtype="float64"
+        )
+        ref = _literal_esm(base, fts_sd, inputs, esd, alpha, preset)
+        for k in base:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_raw_inputs_and_float64_grams_give_the_same_merge():
+    base, fts, data = _family(2, seed=4)
+    fts_sd = [m.state_dict() for m in fts]
+    raw = [_raw_inputs(m, d) for m, d in zip(fts, data, strict=True)]
+    as_rows = merge_state_dicts(fts_sd, base, "esm", statistics=raw)
+    grams = [collect_activation_statistics(m, d, store="gram") for m, d in zip(fts, data, strict=True)]
+    assert grams[0].get("inp.weight")["gram"].dtype == torch.float64
+    as_grams = merge_state_dicts(fts_sd, base, "esm", statistics=grams)
+    for k in base:
+        torch.testing.assert_close(as_rows[k], as_grams[k], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_a_layer_no_fine_tune_changed_merges_to_the_base_without_nan():
+    base, fts, data = _family(2, seed=5)
+    with torch.no_grad():
+        for m in fts:
+            m.blocks[1].fc1.weight.copy_(base["blocks.1.fc1.weight"])
+        fts[0].blocks[2].fc1.weight.copy_(base["blocks.2.fc1.weight"])  # frozen in one task only
+    fts_sd = [m.state_dict() for m in fts]
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, data, strict=True)]
+    out = merge_state_dicts(fts_sd, base, "esm", statistics=stats, base_check=None)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    assert torch.equal(out["blocks.1.fc1.weight"], base["blocks.1.fc1.weight"])
+    assert not torch.equal(out["blocks.2.fc1.weight"], base["blocks.2.fc1.weight"])
+
+
+def test_zero_task_vectors_give_the_base_back():
+    base, fts, data = _family(2, seed=6)
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, data, strict=True)]
+    copies = [{k: v.clone() for k, v in base.items()} for _ in range(2)]
+    # statistics were computed on the fine-tunes: disable the signature check by dropping it
+    for s in stats:
+        for e in s.entries.values():
+            e.pop("signature")
+    out = merge_state_dicts(copies, base, "esm", statistics=stats)
+    for k in base:
+        assert torch.equal(out[k], base[k])
+
+
+def test_rank_above_the_data_warns_and_can_be_capped():
+    base, fts, _ = _family(3, seed=7)
+    few = [[torch.randn(2, 12, dtype=torch.float64)] for _ in range(3)]  # N = 2 tokens < r
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, few, strict=True)]
+    from alloykit import merge
+
+    res = merge([m.state_dict() for m in fts], base, "esm", statistics=stats)
+    assert any("exceeds the numerical rank 2" in w for w in res.report.warnings)
+    capped = merge(
+        [m.state_dict() for m in fts], base, "esm", statistics=stats, parameters={"rank": "numerical"}
+    )
+    assert all(bool(torch.isfinite(v).all()) for v in capped.state_dict.values())
+
+
+def test_fewer_tokens_than_outputs_works():
+    base, fts, _ = _family(2, seed=8)
+    few = [[torch.randn(1, 12, dtype=torch.float64) for _ in range(6)] for _ in range(2)]  # N = 6 < 20
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, few, strict=True)]
+    assert stats[0].get("blocks.0.fc2.weight")["tokens"] == 6
+    out = merge_state_dicts([m.state_dict() for m in fts], base, "esm", statistics=stats)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+
+def test_direct_call_without_statistics_is_tsv_m_for_matrices():
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(8, 5, generator=g)
+    tensors = [base + 0.1 * torch.randn(8, 5, generator=g) for _ in range(2)]
+    esm = get_method("esm")
+    tsv = get_method("tsv_m")
+    got = esm(tensors, base, TensorContext("w"), layer_power=0.0)
+    torch.testing.assert_close(got, tsv(tensors, base, TensorContext("w")))
