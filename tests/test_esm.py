@@ -351,3 +351,21 @@ def test_direct_call_without_statistics_is_tsv_m_for_matrices():
     tsv = get_method("tsv_m")
     got = esm(tensors, base, TensorContext("w"), layer_power=0.0)
     torch.testing.assert_close(got, tsv(tensors, base, TensorContext("w")))
+
+
+@pytest.mark.parametrize("preset", ["vit", "roberta"])
+def test_the_merge_is_affine_in_alpha_as_declared(preset):
+    """The search shortcut (merge at α = 0 and 1, interpolate) is exact."""
+    assert get_method("esm").search["alpha"].affine
+    base, fts, data = _family(2, seed=11)
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, data, strict=True)]
+    sds = [m.state_dict() for m in fts]
+
+    def at(a):
+        return merge_state_dicts(sds, base, "esm", preset=preset, statistics=stats, parameters={"alpha": a})
+
+    zero, one = at(0.0), at(1.0)
+    for a in (0.4, 1.7):
+        got = at(a)
+        for k in base:
+            torch.testing.assert_close(got[k], zero[k] + a * (one[k] - zero[k]), rtol=1e-5, atol=1e-6)

@@ -154,7 +154,8 @@ def test_benchmark_variants_really_scale_the_update():
     from alloykit.bench.text8 import VARIANTS
 
     for v in VARIANTS.values():
-        _check_scales_update(v.method, v.fixed, v.space)
+        if v.space is not None:
+            _check_scales_update(v.method, v.fixed, v.space)
 
 
 def _check_scales_update(name, fixed, space):
@@ -301,3 +302,22 @@ def test_a_crashing_method_becomes_an_error_row(monkeypatch):
     assert "| iso_c | – | – | error: RuntimeError: SVD did not converge | | |" in md
     row.reason = "a | b\nc"
     assert "error: a \\| b c |" in markdown([row], suite.names, "t")
+
+
+@pytest.mark.parametrize("shortcut, merges", [("scales_update", 2), ("affine", 3), (None, 9)])
+def test_search_shortcuts_merge_once_twice_or_every_trial(monkeypatch, shortcut, merges):
+    """scales_update: one merge at 1 (+ the final); affine: at 0 and 1 (+ final); else every trial.
+    The selected λ is the same whichever the shortcut (task arithmetic is linear in λ)."""
+    import dataclasses
+
+    import alloykit.evaluation.harness as harness
+
+    real_merge, real_get = harness._merge, harness.get_method
+    calls = []
+    monkeypatch.setattr(harness, "_merge", lambda *a, **k: calls.append(a[3]) or real_merge(*a, **k))
+    flags = {"scales_update": shortcut == "scales_update", "affine": shortcut == "affine"}
+    space = {"lambda": Continuous(0.0, 1.5, **flags)}
+    monkeypatch.setattr(harness, "get_method", lambda n: dataclasses.replace(real_get(n), search=space))
+    row = run_method(_toy_suite([]), "task_arithmetic", {"a": 0.9, "b": 0.9}, budget=8)
+    assert row.status == "ok" and len(calls) == merges
+    assert abs(row.params["lambda"] - 0.5) < 0.05

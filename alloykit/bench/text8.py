@@ -38,7 +38,8 @@ class Variant:
 
     method: str
     fixed: dict[str, Any]
-    space: dict[str, Continuous | Grid]
+    space: dict[str, Continuous | Grid] | None = None  # None: the method's declared space
+    preset: str | None = None
 
 
 # NeuroMerging's λ2 comes from its data-free σ rule by default; with validation data, as every
@@ -49,6 +50,9 @@ VARIANTS: dict[str, Variant] = {
         {"lambda2_rule": "given"},
         {"lambda2": Continuous(0.0, 4.0, grid=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0), scales_update=True)},
     ),
+    # ESM's two reference recipes: the default row is the ViT code's; this is the RoBERTa code's,
+    # the one written for a text encoder like this benchmark's.
+    "esm (roberta preset)": Variant("esm", {}, preset="roberta"),
 }
 
 
@@ -417,6 +421,7 @@ def run(
             on_trial=trial,
             fixed=v.fixed if v else None,
             space=v.space if v else None,
+            preset=v.preset if v else None,
             label=name,
         )
         rows.append(row)

@@ -11,7 +11,8 @@ registered later is run without changes here.
 For each method: its declared search space (``MergeMethod.search``) is searched by
 :func:`alloykit.evaluation.search.select` on the mean *validation* accuracy with every task's test
 split sealed (reading it raises); then the chosen parameters are merged once more (timed) and
-evaluated on the test splits. When the only searched parameter declares ``scales_update``, the
+evaluated on the test splits. When the only searched parameter declares ``scales_update`` (or
+``affine``: the search merges at 0 and 1 and interpolates), the
 search merges once and rescales the update for each trial (the final model is still merged with
 the method itself).
 """
@@ -173,18 +174,24 @@ def run_method(
         return row
     declared = method.search if space is None else space
     space = {k: v for k, v in declared.items() if k not in (fixed or {})}
-    scaled = len(space) == 1 and isinstance(next(iter(space.values())), Continuous)
-    scaled = scaled and next(iter(space.values())).scales_update
+    single = next(iter(space.values())) if len(space) == 1 else None
+    scaled = isinstance(single, Continuous) and (single.scales_update or single.affine)
     at_one: dict[str, torch.Tensor] | None = None
+    at_zero: StateDict | None = None
     validations: dict[str, dict[str, float]] = {}
 
     def objective(params: dict[str, Any]) -> float:
-        nonlocal at_one
+        nonlocal at_one, at_zero
         if scaled:
             (key,) = space
             if at_one is None:
                 at_one = dict(_merge(suite, method, preset, {**params, key: 1.0}, workers))
-            state = _rescaled(suite.base, at_one, params[key])
+                at_zero = (
+                    suite.base
+                    if single.scales_update
+                    else _merge(suite, method, preset, {**params, key: 0.0}, workers)
+                )
+            state = _rescaled(at_zero, at_one, params[key])
         else:
             state = _merge(suite, method, preset, params, workers)
         acc = suite.evaluate(state, "validation", suite.names)
@@ -197,7 +204,7 @@ def run_method(
     try:
         with suite.test_sealed():
             result: SearchResult = select(space, objective, budget=budget, fixed=fixed)
-        at_one = None
+        at_one = at_zero = None
         t0 = time.perf_counter()
         merged = _merge(suite, method, preset, result.params, workers)
         row.merge_seconds = time.perf_counter() - t0

@@ -43,13 +43,16 @@ class Continuous:
 
     ``grid`` is used when it is searched together with other parameters (a grid search);
     ``scales_update`` declares that the merged model is ``θ_0 + value · (merge at 1 − θ_0)``, so a
-    search may merge once and rescale (tested for every method that declares it).
+    search may merge once and rescale; ``affine`` that it is ``θ(0) + value · (θ(1) − θ(0))`` (a
+    scale of part of the update, e.g. ESM's α on some matrices only), so a search may merge twice
+    and interpolate (both tested for every method that declares them).
     """
 
     low: float
     high: float
     grid: tuple[float, ...] = ()
     scales_update: bool = False
+    affine: bool = False
 
     def __post_init__(self) -> None:
         if not self.low < self.high:
