@@ -190,6 +190,14 @@ def merge(
     digest: bool = True,
     protect: Sequence[str | os.PathLike] = (),
     statistics: Sequence[Any] | None = None,
+    model: Any = None,
+    data: Any = None,
+    example_inputs: Any = None,
+    groups: Any = None,
+    exclude_groups: Sequence[str] = (),
+    self_check: bool = True,
+    post: str = "none",
+    alignment: Any = None,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -204,6 +212,15 @@ def merge(
     ``statistics``: per model, its calibration statistics (a file from ``alloykit calibrate``,
     a :class:`~alloykit.calibration.Statistics`, or a dict ``{tensor: {"gram": G, "tokens": N}}``
     / ``{tensor: X}`` of raw layer inputs), for methods that read them (ESM, RegMean, Fisher).
+
+    Models trained separately (methods with an aligner: ``weight_average``,
+    ``weight_matching``, ``activation_matching``, …): ``model`` is the architecture (an
+    ``nn.Module``, a factory, or ``"package.module:factory"``), ``data`` batches of inputs (or a
+    callable returning them; activation methods, post-steps), ``example_inputs`` an input for
+    tracing (default: the first batch), ``groups`` a :class:`~alloykit.alignment.groups.GroupTable`
+    to use instead of tracing, ``exclude_groups`` groups to leave alone, ``self_check`` the
+    permutation-invariance check before merging, ``post`` ``none``, ``bn_reset`` or ``repair``;
+    ``alignment`` a precomputed :class:`~alloykit.alignment.align.Alignment`.
 
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
@@ -232,6 +249,31 @@ def merge(
         chunk_elements=chunk_elements,
         statistics=statistics,
     )
+    if post not in ("none", "bn_reset", "repair"):
+        raise ParameterError(f"post = {post!r} is not allowed; expected none, bn_reset or repair")
+    template, batches = None, []
+    if spec.method.alignment is not None and alignment is None and not dry_run:
+        alignment, template, batches = _align(
+            spec,
+            model,
+            data,
+            example_inputs,
+            groups,
+            exclude_groups,
+            self_check,
+            parameters,
+            model_parameters,
+            preset,
+            progress,
+        )
+    elif post != "none" or alignment is not None:
+        from alloykit.alignment.pipeline import batches_of, template_module
+
+        template = template_module(model) if model is not None else None
+        batches = batches_of(data)
+    if spec.method.alignment is not None and dry_run and alignment is None:
+        alignment = _Unaligned(len(spec.models))
+    spec.alignment = alignment
     plan = plan_merge(spec)
     plan.warnings[:0] = input_warnings
     result = MergeResult(plan=plan)
@@ -255,6 +297,23 @@ def merge(
         return result
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     run = dict(workers=workers, max_bytes=max_bytes, progress=progress, threads=threads, digest=digest)
+    if post != "none":
+        return _merge_then_repair(
+            result,
+            plan,
+            spec,
+            run,
+            output,
+            post,
+            template,
+            batches,
+            alignment,
+            started,
+            recipe,
+            shard_size,
+            force,
+            companion,
+        )
     if output is None:
         sink = DictSink(plan.outputs)
         result.report = run_plan(plan, sink, **run)
@@ -267,6 +326,128 @@ def merge(
         result.report.warnings += _same_content_warnings(spec, result.report)
         writer.copy_companions(companion, spec.out_dtype)
         result.provenance = provenance(plan, result.report, started, recipe)
+        writer.write_text(
+            "alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n"
+        )
+        writer.write_text(
+            "alloykit_recipe.yml",
+            yaml.safe_dump(recipe if recipe is not None else result.provenance["recipe"], sort_keys=False),
+        )
+        result.output = writer.commit()
+    return result
+
+
+class _Unaligned:
+    """Stands in for an alignment in a dry run (no data is read): shapes stay as they are."""
+
+    def __init__(self, n: int):
+        self.n_models = n
+
+    def params(self) -> set[str]:
+        return set()
+
+    def merged_shape(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def entries(self, name: str) -> tuple:
+        return ()
+
+
+def _align(
+    spec: MergeSpec,
+    model: Any,
+    data: Any,
+    example: Any,
+    groups: Any,
+    exclude_groups: Sequence[str],
+    check: bool,
+    parameters: Any,
+    model_parameters: Any,
+    preset: str | None,
+    progress: Any,
+):
+    """Run the method's aligner on the models (read whole: these are models one can run)."""
+    from alloykit.alignment.pipeline import prepare_alignment
+
+    if model is None:
+        raise ParameterError(
+            f"{spec.method.name} aligns models trained separately: give the model definition (model=, an "
+            "nn.Module, a factory or 'package.module:factory')"
+        )
+    n = len(spec.models)
+    resolved = spec.method.resolve(
+        n, preset, dict(parameters or {}), [dict(p) for p in model_parameters or []]
+    )
+    states = [{k: r.read(k) for k in r.keys()} for r in spec.models]
+    return prepare_alignment(
+        spec.method.alignment,
+        resolved,
+        states,
+        model=model,
+        data=data,
+        example_inputs=example,
+        table=groups,
+        check=check,
+        exclude_groups=exclude_groups,
+        progress=progress,
+    )
+
+
+def _merge_then_repair(
+    result,
+    plan,
+    spec,
+    run,
+    output,
+    post,
+    template,
+    batches,
+    alignment,
+    started,
+    recipe,
+    shard_size,
+    force,
+    companion,
+):
+    """Merge in memory, re-estimate BatchNorm statistics or apply REPAIR on data, then write."""
+    import copy
+
+    from alloykit.alignment.pipeline import modules_for
+    from alloykit.alignment.post import bn_reset, repair
+
+    if template is None or not batches:
+        raise ParameterError(f"post = {post!r} needs the model definition (model=) and data= (batches)")
+    sink = DictSink(plan.outputs)
+    result.report = run_plan(plan, sink, **run)
+    merged = copy.deepcopy(template)
+    try:
+        merged.load_state_dict(sink.tensors)
+    except RuntimeError as e:
+        raise ParameterError(
+            f"post = {post!r}: the merged model no longer fits the model definition ({e})"
+        ) from None
+    if post == "bn_reset":
+        count = bn_reset(merged, batches)
+        if count == 0:
+            result.report.warnings.append("post bn_reset: the model has no BatchNorm (use post: repair)")
+    else:
+        if alignment is None:
+            raise ParameterError("post = 'repair' needs an alignment method (its transforms)")
+        states = [{k: r.read(k) for k in r.keys()} for r in spec.models]
+        count = repair(merged, modules_for(template, states), alignment, batches)
+    result.report.warnings.append(f"post {post}: {count} layers re-estimated on {len(batches)} batches")
+    state = {
+        k: v.detach().to(sink.tensors[k].dtype) for k, v in merged.state_dict().items() if k in sink.tensors
+    }
+    result.provenance = provenance(plan, result.report, started, recipe)
+    result.provenance["post"] = post
+    if output is None:
+        result.state_dict = state
+        return result
+    with StreamingWriter(output, plan.outputs, parse_size(shard_size), force=force) as writer:
+        for name, t in state.items():
+            writer.write(name, t.contiguous())
+        writer.copy_companions(companion, spec.out_dtype)
         writer.write_text(
             "alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n"
         )

@@ -47,6 +47,8 @@ class MergeSpec:
     chunk_elements: int = 1 << 20
     # Calibration statistics per model (methods that declare ``statistics``), aligned with models.
     statistics: list[Any] | None = None
+    # For methods that declare an aligner: per group transforms (alloykit.alignment.Alignment).
+    alignment: Any = None
 
 
 @dataclass
@@ -207,6 +209,16 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
     depth = _layer_position(ordered)
 
     check_statistics(spec, readers, key_sets)
+    if method.alignment is not None and spec.alignment is None:
+        raise ParameterError(
+            f"{method.name} aligns models trained separately: give the model definition (model=, a module or "
+            "'package.module:factory') and, for activation-based methods, data= (batches of inputs)"
+        )
+    if spec.alignment is not None:
+        if method.alignment is None:
+            raise ParameterError(f"{method.name} does not use an alignment; remove it")
+        if spec.alignment.n_models != n:
+            raise ParameterError(f"the alignment is for {spec.alignment.n_models} models, {n} are given")
     include = [re.compile(p) for p in spec.include or []]
     exclude = [re.compile(p) for p in spec.exclude or []]
     global_resolved = method.resolve(n, spec.preset, spec.global_params, model_params)
@@ -234,7 +246,11 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             for m in metas.values():
                 promoted = torch.promote_types(promoted, m.dtype)
         out_dtype = spec.out_dtype if (spec.out_dtype is not None and floating) else promoted
-        out = TensorMeta(name, src_meta.shape, out_dtype)
+        out_shape = src_meta.shape
+        aligned = spec.alignment is not None and name in spec.alignment.params()
+        if aligned:
+            out_shape = spec.alignment.merged_shape(name, src_meta.shape)
+        out = TensorMeta(name, out_shape, out_dtype)
         compute = spec.compute_dtype or promoted
         copy_from = base_index if base_index in metas else holders[0]
         numel = src_meta.numel
@@ -250,7 +266,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             readers_used = len(holders)
             k = len(sources)
             per_elem = (k + 1) * compute.itemsize * (1 + method.memory_factor)
-            split = method.is_elementwise(params)
+            split = method.is_elementwise(params) and not aligned
         else:
             params = {}
             readers_used = len(holders)  # every copy is read: digests, non-float agreement

@@ -208,7 +208,16 @@ def _statistics(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor]) ->
 def _context(
     spec: Any, job: TensorJob, state: Any, statistics: tuple[Any, ...] = (), notes: list[str] | None = None
 ) -> TensorContext:
-    return TensorContext(job.name, spec.seed, state, offset=job.start, statistics=statistics, notes=notes)
+    transforms = spec.alignment.entries(job.name) if spec.alignment is not None else ()
+    return TensorContext(
+        job.name,
+        spec.seed,
+        state,
+        offset=job.start,
+        statistics=statistics,
+        transforms=transforms,
+        notes=notes,
+    )
 
 
 def run_plan(

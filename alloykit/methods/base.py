@@ -152,6 +152,9 @@ class TensorContext:
     # alloykit.calibration.statistics), or None where it has none. Empty for methods that
     # declare no statistics.
     statistics: tuple[dict[str, Any] | None, ...] = ()
+    # Per model (aligned with ``tensors``): the (piece, n, matrix) transforms of this tensor's
+    # axes from an alignment (alloykit.alignment), for methods that declare an aligner.
+    transforms: tuple[Any, ...] = ()
     # Where ``warn`` collects messages for the merge report (None: they are dropped).
     notes: list[str] | None = None
 
@@ -223,6 +226,10 @@ class MergeMethod:
     # engine requires one statistics source per model and hands each tensor's entries to the
     # method in ``ctx.statistics``.
     statistics: str | None = None
+    # For models trained separately: the aligner that computes, before the merge, a transform per
+    # permutation group ("identity", "weights", "activations", …); the engine hands each tensor's
+    # transforms to the method in ``ctx.transforms``.
+    alignment: str | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -369,6 +376,7 @@ def merge_method(
     ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None,
     check: Callable[[dict[str, Any], str], None] | None = None,
     statistics: str | None = None,
+    alignment: str | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -391,6 +399,7 @@ def merge_method(
             ignores,
             check,
             statistics,
+            alignment,
         )
         for values in m.presets.values():
             for k in values:
