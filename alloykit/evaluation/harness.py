@@ -168,6 +168,12 @@ def run_method(
     row = Row(label or name, "method", preset=preset)
     t_start = time.perf_counter()
     n = len(suite.tasks)
+    if method.alignment is not None:
+        row.status, row.reason = (
+            "n/a",
+            "aligns models trained separately (alloykit bench align); these share a base",
+        )
+        return row
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "any number" if method.max_models is None else f"at most {method.max_models}"
         row.status, row.reason = "n/a", f"takes {most} model(s) (min {method.min_models}); this suite has {n}"
