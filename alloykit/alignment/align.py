@@ -5,9 +5,14 @@
   activations (Git Re-Basin's activation matching on Pearson correlation, as REPAIR and MuDSC's
   "A. Align"); each group independently, tied groups sharing their head assignment.
 * :func:`weight_matching` — Git Re-Basin weight matching: coordinate descent over groups in a
-  random order (seeded per sweep), each group solved by Hungarian on the inner products of unit
-  signatures expressed in the neighbours' current basis, until a whole sweep improves no group by
-  more than 1e-12 (at most ``max_sweeps``).
+  random order (one seeded generator, as MuDSC's loop), each group solved by Hungarian on the inner
+  products of unit signatures expressed in the neighbours' current basis, until a whole sweep
+  improves no group by more than 1e-12 (at most ``max_sweeps``).
+* :func:`dual_space` — MuDSC (Xu et al., CVPR 2024, ``zju-vipa/training_free_model_merging``
+  ``WeightFusion.iter_transform``): optionally start from the activation solution, then sweep the
+  groups in a seeded random order, each solved (Hungarian or zip) on α·C_w + (1 − α)·C_act with C_w
+  recomputed from the current neighbours; a sweep whose mean score does not beat the best rolls
+  back to the best, and ``patience`` such sweeps in a row end the loop.
 """
 
 from __future__ import annotations
@@ -92,8 +97,8 @@ def weight_matching(
     n_models = len(states)
     transforms = identity(table, n_models)
     units = solve_units(table)
+    g = torch.Generator().manual_seed(seed)
     for sweep in range(max_sweeps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + sweep)
         order = torch.randperm(len(units), generator=g).tolist()
         improved = False
         for i in order:
@@ -111,6 +116,89 @@ def weight_matching(
         if not improved:
             break
     return transforms
+
+
+def _solve_with(
+    solver: str, unit: list[PermGroup], sims: list[torch.Tensor], n_models: int, zip_options: dict[str, Any]
+) -> tuple[list[Transform], float]:
+    from alloykit.alignment.solvers import zip_blocks, zip_units
+
+    sizes = [g.size for g in unit]
+    if solver == "hungarian":
+        trs, score = hungarian_tied(sims, sizes, n_models, unit[0].blocks)
+        eps = zip_options.get("eps", 0.0)
+        if eps:
+            trs = [Transform.from_unmerge(t.unmerge, eps=eps) for t in trs]
+        return trs, score
+    if unit[0].blocks > 1 or len(unit) > 1:
+        return zip_blocks(sims, sizes, n_models, unit[0].blocks, **zip_options)
+    tr, score = zip_units(sims[0], sizes[0], n_models, **zip_options)
+    return [tr], score
+
+
+def dual_space(
+    table: GroupTable,
+    states: Sequence[dict[str, torch.Tensor]],
+    activation: Callable[[str], torch.Tensor] | None,
+    *,
+    solver: str = "zip",
+    alpha: float = 0.5,
+    kind: str = "pearson",
+    max_sweeps: int = 100,
+    patience: int = 5,
+    seed: int = 0,
+    init: bool = True,
+    zip_options: dict[str, Any] | None = None,
+    log: list[dict[str, Any]] | None = None,
+) -> dict[str, Transform]:
+    """MuDSC (module docstring). ``activation`` gives each group's activation correlation (None:
+    weight space only); ``init``: start from the activation solution (else from no transforms:
+    the first sweep's signatures use only the groups already solved in it). α = 0 returns the
+    activation solution."""
+    zip_options = dict(zip_options or {})
+    n_models = len(states)
+    units = solve_units(table)
+    transforms: dict[str, Transform] = {}
+    score: dict[str, float] = {g.name: 0.0 for g in table.groups}
+    if activation is not None and (init or alpha <= 0):
+        for unit in units:
+            trs, sc = _solve_with(solver, unit, [activation(g.name) for g in unit], n_models, zip_options)
+            for g, tr in zip(unit, trs, strict=True):
+                transforms[g.name] = tr
+                score[g.name] = sc
+        if log is not None:
+            log.append({"sweep": 0, "score": sum(score.values()) / max(len(score), 1)})
+    if alpha <= 0 and activation is not None:
+        return transforms
+    gen = torch.Generator().manual_seed(seed)
+    best: dict[str, Transform] | None = None
+    best_score, stall = 0.0, 0
+    for sweep in range(max_sweeps):
+        for i in torch.randperm(len(units), generator=gen).tolist():
+            unit = units[i]
+            sims = []
+            for g in unit:
+                c = similarity(signatures(states, table, g, transforms), kind)
+                if activation is not None:
+                    c = alpha * c + (1 - alpha) * activation(g.name)
+                sims.append(c)
+            trs, sc = _solve_with(solver, unit, sims, n_models, zip_options)
+            for g, tr in zip(unit, trs, strict=True):
+                transforms[g.name] = tr
+                score[g.name] = sc
+        total = sum(score.values()) / max(len(score), 1)
+        if log is not None:
+            log.append({"sweep": sweep + 1, "score": total})
+        if best is not None and best_score >= total:
+            stall += 1
+            if stall >= patience:
+                break
+            transforms = dict(best)
+        else:
+            stall = 0
+            best = dict(transforms)
+            best_score = total
+    return dict(best) if best is not None else transforms
 
 
 def timed(seconds: dict[str, float], key: str):

@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from alloykit.alignment.align import Alignment, activation_matching, identity, timed, weight_matching
+from alloykit.alignment.align import (
+    Alignment,
+    activation_matching,
+    dual_space,
+    identity,
+    timed,
+    weight_matching,
+)
 from alloykit.alignment.check import self_check as run_self_check
 from alloykit.alignment.groups import GroupTable
 from alloykit.alignment.statistics import collect_activation_statistics
@@ -139,6 +146,39 @@ def prepare_alignment(
         with timed(seconds, "solve"):
             transforms, scores = activation_matching(table, stats.correlation, n)
         history.append({"scores": scores})
+    elif aligner in ("zip", "mudsc_align", "mudsc_zip"):
+        init = params.get("init", "activations") == "activations"
+        needs_data = aligner == "zip" or init or params.get("alpha", 0.5) < 1
+        stats = None
+        if needs_data:
+            if not batches:
+                raise ParameterError(f"{aligner} needs data: give data= (batches of model inputs)")
+            with timed(seconds, "statistics"):
+                stats = collect_activation_statistics(template, gm, states, table, batches, progress=progress)
+        width = params.get("width", 1.0)
+        zip_options = {
+            "a": params.get("zip_a", 0.5),
+            "b": params.get("zip_b", 1.0),
+            "reduce": 1.0 - width / n,
+            "strict": params.get("strict_budget", False),
+            "eps": params.get("colsum_eps", 1e-5),
+        }
+        correlation = stats.correlation if stats is not None else None
+        with timed(seconds, "solve"):
+            transforms = dual_space(
+                table,
+                states,
+                correlation,
+                solver="hungarian" if aligner == "mudsc_align" else "zip",
+                alpha=0.0 if aligner == "zip" else params.get("alpha", 0.5),
+                kind=params.get("similarity", "pearson"),
+                max_sweeps=params.get("max_sweeps", 100),
+                patience=params.get("patience", 5),
+                seed=params.get("seed", 0),
+                init=init,
+                zip_options=zip_options,
+                log=history,
+            )
     else:
         raise ParameterError(f"unknown aligner {aligner!r}")
     return Alignment(table, transforms, n, history, seconds), template, batches

@@ -57,13 +57,18 @@ def signatures(
 
 
 def similarity(vectors: torch.Tensor, kind: str = "pearson", eps: float = 1e-7) -> torch.Tensor:
-    """O × O similarity of the rows: Pearson correlation (rows centred over their coordinates
-    and normalised; MuDSC), cosine, or the raw inner product (Git Re-Basin)."""
+    """O × O similarity of the rows: Pearson correlation over their coordinates (MuDSC's
+    ``_correlation``: Σ ⊘ max(σσᵀ, 1e-7) with population statistics), cosine (rows normalised,
+    norms clamped at 1e-8: MuDSC's ``_cossim``), or the raw inner product (Git Re-Basin)."""
     v = vectors.to(torch.float64)
     if kind == "pearson":
-        v = v - v.mean(dim=1, keepdim=True)
-    if kind in ("pearson", "cosine"):
-        v = v / v.norm(dim=1, keepdim=True).clamp(min=eps)
-    elif kind != "inner":
-        raise ValueError(f"similarity {kind!r} is not one of {KINDS}")
-    return v @ v.T
+        mean = v.mean(dim=1)
+        cov = v @ v.T / v.shape[1] - torch.outer(mean, mean)
+        std = torch.diagonal(cov).clamp(min=0).sqrt()
+        return cov / torch.clamp(torch.outer(std, std), min=eps)
+    if kind == "cosine":
+        v = v / v.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        return v @ v.T
+    if kind == "inner":
+        return v @ v.T
+    raise ValueError(f"similarity {kind!r} is not one of {KINDS}")

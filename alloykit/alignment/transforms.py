@@ -35,12 +35,13 @@ class Transform:
         return len(self.unmerge)
 
     @classmethod
-    def from_unmerge(cls, unmerge: Sequence[torch.Tensor]) -> Transform:
+    def from_unmerge(cls, unmerge: Sequence[torch.Tensor], eps: float = 0.0) -> Transform:
+        """M_m = U_m / (colsum + ``eps``): ``eps`` = 1e-5 reproduces the MuDSC/ZipIt code."""
         u = [x.to(torch.float64) for x in unmerge]
         counts = torch.stack(u).sum(dim=(0, 1))
         if bool((counts == 0).any()):
             raise ValueError("a merged unit has no member")
-        return cls(u, [x / counts[None, :] for x in u])
+        return cls(u, [x / (counts[None, :] + eps) for x in u])
 
     @classmethod
     def from_permutations(cls, perms: Sequence[torch.Tensor]) -> Transform:
