@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,15 +67,40 @@ def modules_for(
         try:
             m.load_state_dict(dict(state))
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ParameterError(f"model {i} does not fit the model definition: {first}") from None
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            detail = " ".join(lines[1:2] or lines)  # torch's first line only names the class
+            if len(detail) > 300:
+                detail = detail[:300] + " …"
+            raise ParameterError(
+                f"model {i} does not fit the model definition ({type(template).__name__}): {detail}"
+            ) from None
         out.append(m.eval())
     return out
 
 
-def batches_of(data: Any) -> list[Any]:
+BENCHMARK_DATA = ("digits", "fashion", "glyphs")  # images of ``alloykit bench align``, (N, 1, 28, 28)
+
+
+def batches_of(data: Any, samples: int = 1000, batch_size: int = 250) -> list[Any]:
+    """Batches of model inputs from: an iterable of batches, one batch (tensor or mapping), a
+    callable (or ``"package.module:callable"``) returning either, a ``.safetensors`` file (its
+    tensors in name order, each a batch), or a benchmark dataset name (``digits``, ``fashion``,
+    ``glyphs``: the first ``samples`` training images, unlabeled, in batches of ``batch_size``)."""
     if data is None:
         return []
+    if isinstance(data, str) and data in BENCHMARK_DATA:
+        from alloykit.bench.align import DATASETS
+
+        images = DATASETS[data]().x_train[:samples]
+        return list(images.split(batch_size))
+    if isinstance(data, str | os.PathLike) and str(data).endswith(".safetensors"):
+        from alloykit.io.readers import open_checkpoint
+
+        reader = open_checkpoint(Path(data), label="data")
+        names = sorted(reader.keys())
+        if not names:
+            raise ParameterError(f"{data}: the data file holds no tensors")
+        return [reader.read(k) for k in names]
     if isinstance(data, str):
         data = resolve_callable(data)
     if callable(data):
@@ -81,6 +108,19 @@ def batches_of(data: Any) -> list[Any]:
     if isinstance(data, torch.Tensor | Mapping):
         return [data]
     return list(data)
+
+
+def load_groups(groups: Any) -> GroupTable | None:
+    """A :class:`GroupTable` given, or read from a JSON file (``GroupTable.to_json``)."""
+    if groups is None or isinstance(groups, GroupTable):
+        return groups
+    path = Path(groups)
+    try:
+        return GroupTable.from_json(path.read_text())
+    except OSError as e:
+        raise ParameterError(f"groups file {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ParameterError(f"groups file {path} is not a group table ({type(e).__name__}: {e})") from None
 
 
 def _example(example: Any, batches: list[Any]) -> tuple[tuple, dict]:
@@ -115,6 +155,7 @@ def prepare_alignment(
     batches = batches_of(data)
     args, kwargs = _example(example_inputs, batches)
     gm = None
+    table = load_groups(table)
     with timed(seconds, "trace"):
         if table is None:
             traced = trace_groups(modules[0], args, kwargs)
@@ -126,59 +167,81 @@ def prepare_alignment(
             run_self_check(modules[0], table, args, kwargs)
     n = len(states)
     history: list[dict[str, Any]] = []
-    if aligner == "identity":
-        transforms = identity(table, n)
-    elif aligner == "weights":
-        with timed(seconds, "solve"):
-            transforms = weight_matching(
-                table,
-                states,
-                kind=params.get("similarity", "inner"),
-                max_sweeps=params.get("max_sweeps", 100),
-                seed=params.get("seed", 0),
-                log=history,
-            )
-    elif aligner == "activations":
-        if not batches:
-            raise ParameterError("activation matching needs data: give data= (batches of model inputs)")
-        with timed(seconds, "statistics"):
-            stats = collect_activation_statistics(template, gm, states, table, batches, progress=progress)
-        with timed(seconds, "solve"):
-            transforms, scores = activation_matching(table, stats.correlation, n)
-        history.append({"scores": scores})
-    elif aligner in ("zip", "mudsc_align", "mudsc_zip"):
-        init = params.get("init", "activations") == "activations"
-        needs_data = aligner == "zip" or init or params.get("alpha", 0.5) < 1
-        stats = None
-        if needs_data:
+    cache: list[Any] = []
+
+    def correlation() -> Any:
+        if not cache:
             if not batches:
-                raise ParameterError(f"{aligner} needs data: give data= (batches of model inputs)")
+                what = "activation matching" if aligner == "activations" else aligner
+                raise ParameterError(f"{what} needs data: give data= (batches of model inputs)")
             with timed(seconds, "statistics"):
                 stats = collect_activation_statistics(template, gm, states, table, batches, progress=progress)
-        width = params.get("width", 1.0)
+            cache.append(stats.correlation)
+        return cache[0]
+
+    if aligner in ("activations", "zip", "mudsc_align", "mudsc_zip") and needs_statistics(aligner, params):
+        correlation()  # statistics are timed apart from the solve
+    with timed(seconds, "solve"):
+        transforms = solve_alignment(aligner, params, table, states, correlation, history)
+    return Alignment(table, transforms, n, history, seconds), template, batches
+
+
+def needs_statistics(aligner: str, params: Mapping[str, Any]) -> bool:
+    """Whether the aligner reads activation statistics with these parameters (MuDSC at α = 1 started
+    from weights does not)."""
+    if aligner in ("identity", "weights"):
+        return False
+    if aligner in ("activations", "zip"):
+        return True
+    return params.get("init", "activations") == "activations" or params.get("alpha", 0.5) < 1
+
+
+def solve_alignment(
+    aligner: str,
+    params: Mapping[str, Any],
+    table: GroupTable,
+    states: Sequence[dict[str, torch.Tensor]],
+    correlation: Callable[[], Any],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The transforms of each group for one aligner and its parameters; ``correlation()`` supplies
+    the activation statistics when the aligner needs them (computed once by the caller)."""
+    n = len(states)
+    if aligner == "identity":
+        return identity(table, n)
+    if aligner == "weights":
+        return weight_matching(
+            table,
+            states,
+            kind=params.get("similarity", "inner"),
+            max_sweeps=params.get("max_sweeps", 100),
+            seed=params.get("seed", 0),
+            log=history,
+        )
+    if aligner == "activations":
+        transforms, scores = activation_matching(table, correlation(), n)
+        history.append({"scores": scores})
+        return transforms
+    if aligner in ("zip", "mudsc_align", "mudsc_zip"):
         zip_options = {
             "a": params.get("zip_a", 0.5),
             "b": params.get("zip_b", 1.0),
-            "reduce": 1.0 - width / n,
+            "reduce": 1.0 - params.get("width", 1.0) / n,
             "strict": params.get("strict_budget", False),
             "eps": params.get("colsum_eps", 1e-5),
         }
-        correlation = stats.correlation if stats is not None else None
-        with timed(seconds, "solve"):
-            transforms = dual_space(
-                table,
-                states,
-                correlation,
-                solver="hungarian" if aligner == "mudsc_align" else "zip",
-                alpha=0.0 if aligner == "zip" else params.get("alpha", 0.5),
-                kind=params.get("similarity", "pearson"),
-                max_sweeps=params.get("max_sweeps", 100),
-                patience=params.get("patience", 5),
-                seed=params.get("seed", 0),
-                init=init,
-                zip_options=zip_options,
-                log=history,
-            )
-    else:
-        raise ParameterError(f"unknown aligner {aligner!r}")
-    return Alignment(table, transforms, n, history, seconds), template, batches
+        return dual_space(
+            table,
+            states,
+            correlation() if needs_statistics(aligner, params) else None,
+            solver="hungarian" if aligner == "mudsc_align" else "zip",
+            alpha=0.0 if aligner == "zip" else params.get("alpha", 0.5),
+            kind=params.get("similarity", "pearson"),
+            max_sweeps=params.get("max_sweeps", 100),
+            patience=params.get("patience", 5),
+            seed=params.get("seed", 0),
+            init=params.get("init", "activations") == "activations",
+            zip_options=zip_options,
+            log=history,
+        )
+    raise ParameterError(f"unknown aligner {aligner!r}")

@@ -14,6 +14,7 @@ rows fall into chunks. Axes that reach a model input or output, and axes an op c
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -737,6 +738,22 @@ def export_model(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
     was = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            model(*args, **dict(kwargs or {}))
+    except Exception as e:  # the inputs do not fit: say so before blaming the tracer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model.train(was)
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        raise CheckpointError(
+            f"{type(model).__name__} rejects the example inputs (shapes {shapes}): "
+            f"{type(e).__name__}: {first}"
+        ) from None
+    # torch logs a failed meta kernel with its traceback at ERROR level before raising; the raised
+    # error is reported below, once
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
         return torch.export.export(model, tuple(args), dict(kwargs or {}), strict=False).module()
     except Exception as e:  # torch raises many kinds; the message is what matters
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -745,6 +762,7 @@ def export_model(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
             "hand-written spec instead (GroupTable.from_spec)"
         ) from None
     finally:
+        fake_log.setLevel(level)
         model.train(was)
 
 

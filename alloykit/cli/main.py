@@ -431,6 +431,116 @@ def demo(
     run_demo(workdir, console=Console())
 
 
+align_app = typer.Typer(
+    no_args_is_help=True, help="Models trained separately: permutation groups, alignment merges."
+)
+app.add_typer(align_app, name="align")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise AlloykitError(f"--input-shape {text!r}: expected sizes like 1,1,28,28") from None
+    if not dims or min(dims) < 1:
+        raise AlloykitError(f"--input-shape {text!r}: expected positive sizes like 1,1,28,28")
+    return dims
+
+
+@align_app.command("groups")
+@guarded
+def align_groups(
+    model: Annotated[str, typer.Argument(help="the architecture: 'package.module:factory'")],
+    input_shape: Annotated[
+        str | None, typer.Option(metavar="DIMS", help="example input shape, e.g. 1,1,28,28 (float zeros)")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="example inputs instead: 'package.module:callable', a .safetensors file, digits"),
+    ] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", metavar="FILE", help="save the table as JSON (recipe groups:)")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="run the permutation-invariance self-check")] = True,
+) -> None:
+    """Trace MODEL and print its permutation groups (which axes must move together)."""
+    import torch
+
+    from alloykit.alignment.check import self_check
+    from alloykit.alignment.pipeline import batches_of, template_module
+    from alloykit.alignment.trace import trace_groups
+
+    try:
+        if (input_shape is None) == (data is None):
+            raise AlloykitError("give exactly one of --input-shape and --data")
+        module = template_module(model).eval()
+        example = torch.randn(_shape(input_shape)) if input_shape else batches_of(data, samples=8)[0]
+        args, kwargs = ((), dict(example)) if isinstance(example, dict) else ((example,), {})
+        table = trace_groups(module, args, kwargs).table
+        if check:
+            self_check(module, table, args, kwargs)
+        if write is not None:
+            write.write_text(table.to_json() + "\n")
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    print(table.describe())
+    if check:
+        print("self-check: permuting every group leaves the outputs unchanged; crossing a block changes them")
+    if write is not None:
+        print(f"written: {write}")
+
+
+@align_app.command("merge")
+@guarded
+def align_merge(
+    models: Annotated[list[Path], typer.Argument(help="checkpoints of one architecture, trained separately")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output model folder")],
+    model: Annotated[str, typer.Option(help="the architecture: 'package.module:factory'")],
+    method: Annotated[str, typer.Option(help="an alignment method (alloykit methods)")] = "mudsc_zip",
+    data: Annotated[
+        str | None,
+        typer.Option(help="inputs: 'package.module:callable', a .safetensors file, or digits/fashion/glyphs"),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="NAME=VALUE", help="a method parameter")
+    ] = None,
+    post: Annotated[str, typer.Option(help="none | bn_reset | repair")] = "none",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+) -> None:
+    """Align MODELS and merge them into OUTPUT (the recipe equivalent: an alignment: block)."""
+    import yaml
+
+    from alloykit.api import merge as run_merge
+    from alloykit.recipe import recipe_from_dict
+
+    try:
+        params = {}
+        for item in param or []:
+            if "=" not in item:
+                raise AlloykitError(f"--param {item!r}: expected NAME=VALUE")
+            k, v = item.split("=", 1)
+            params[k.strip()] = yaml.safe_load(v)
+        raw = {
+            "method": method,
+            "models": [{"model": str(m)} for m in models],
+            "parameters": params,
+            "alignment": {"model": model, "data": data, "post": post},
+        }
+        r = recipe_from_dict(raw)
+        if output.exists() and not force:
+            raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
+        with stop_on_signals():
+            result = run_merge(**r.merge_kwargs(), output=output, force=force, recipe=raw)
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    al = result.plan.spec.alignment
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in getattr(al, "seconds", {}).items())
+    merge_s = result.report.seconds
+    print(f"merged {len(models)} models with {method} into {result.output} ({steps}; merge {merge_s:.2f} s)")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Offline benchmarks of every merge method.")
 app.add_typer(bench_app, name="bench")
 
@@ -504,6 +614,55 @@ def bench_text8(
             )
         raise
     console.print(f"report: {files['report']}")
+
+
+@bench_app.command("align")
+@guarded
+def bench_align(
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("bench-align"),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="digits, 2 models, every architecture: a few minutes")
+    ] = False,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all)")] = None,
+    archs: Annotated[
+        str | None, typer.Option(help="comma-separated architectures: mlp, resnet, gn_cnn, vit, vit_split")
+    ] = None,
+    n_models: Annotated[
+        str | None, typer.Option("--models", help="comma-separated model counts: 2,3")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="fashion | digits | glyphs")] = None,
+) -> None:
+    """Train models from different seeds on disjoint label groups (cached), merge them with every
+    alignment method, report per-task and joint accuracy against the ensemble."""
+    from dataclasses import replace
+
+    from alloykit.bench import align
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    try:
+        settings = align.QUICK if quick else align.FULL
+        if methods:
+            settings = replace(settings, methods=items(methods))
+        if archs:
+            settings = replace(settings, architectures=items(archs))
+        if n_models:
+            counts = tuple(int(n) for n in items(n_models))
+            if any(n not in align.GROUPS for n in counts):
+                raise AlloykitError(f"--models {n_models}: supported counts are {sorted(align.GROUPS)}")
+            settings = replace(settings, n_models=counts)
+        if dataset:
+            if dataset not in align.DATASETS:
+                raise AlloykitError(f"--dataset {dataset}: expected one of {', '.join(align.DATASETS)}")
+            settings = replace(settings, dataset=dataset)
+        results = align.run(settings, out, log=_log)
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    for line in align.summary(results):
+        print(line)
+    console.print(f"report: {out / 'report.md'}")
 
 
 def main() -> None:  # pragma: no cover

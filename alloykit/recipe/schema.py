@@ -18,6 +18,15 @@ An alloykit recipe::
     exclude: ["lm_head"]     # regexes: matching tensors are copied from the base, not merged
     output: {shard_size: 5GB, copy_files_from: ./base}
 
+Models trained separately (``method: activation_matching``, ``zipit``, ``mudsc_zip``, ...) add::
+
+    alignment:
+      model: mypackage.models:make_resnet   # a factory returning the nn.Module
+      data: ./batches.safetensors           # or mypackage.data:batches, or digits/fashion/glyphs
+      post: bn_reset                        # none | bn_reset | repair
+      exclude_groups: []                    # groups left unaligned
+      groups: ./groups.json                 # optional: a group table instead of tracing
+
 A parameter value may be a scalar, a gradient over layer depth (a list of numbers) or a list of
 ``{filter: ..., value: ...}`` conditions (see :func:`alloykit.methods.base.evaluate_setting`).
 A file with ``merge_method:`` is read as a mergekit recipe (:mod:`alloykit.recipe.mergekit`).
@@ -48,6 +57,23 @@ class OutputOptions(BaseModel):
     copy_files_from: str | None = None
 
 
+class AlignmentOptions(BaseModel):
+    """Models trained separately (weight_matching, activation_matching, zipit, mudsc_*, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # the architecture: "package.module:factory" (a callable returning the nn.Module)
+    model: str
+    # inputs for statistics and post-steps: "package.module:callable", a .safetensors file of
+    # batches, or a benchmark dataset name (digits, fashion, glyphs)
+    data: str | None = None
+    samples: int = Field(default=1000, ge=1)  # images taken from a benchmark dataset
+    batch_size: int = Field(default=250, ge=1)
+    groups: str | None = None  # a group table (JSON) to use instead of tracing
+    exclude_groups: list[str] = Field(default_factory=list)
+    self_check: bool = True
+    post: Literal["none", "bn_reset", "repair"] = "none"
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
@@ -62,12 +88,27 @@ class Recipe(BaseModel):
     include: list[str] | None = None
     exclude: list[str] | None = None
     output: OutputOptions = Field(default_factory=OutputOptions)
+    alignment: AlignmentOptions | None = None
     # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
     source_format: str = "alloykit"
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`alloykit.merge` (besides output and run options)."""
+        aligned = {}
+        if self.alignment is not None:
+            from alloykit.alignment.pipeline import batches_of
+
+            a = self.alignment
+            aligned = dict(
+                model=a.model,
+                data=(lambda: batches_of(a.data, a.samples, a.batch_size)) if a.data else None,
+                groups=a.groups,
+                exclude_groups=a.exclude_groups,
+                self_check=a.self_check,
+                post=a.post,
+            )
         return dict(
+            **aligned,
             models=[m.model for m in self.models],
             statistics=[m.statistics for m in self.models]
             if any(m.statistics for m in self.models)
@@ -121,6 +162,11 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
         m.model = _resolve_path(m.model, folder)
         m.statistics = _resolve_path(m.statistics, folder)
     recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
+    if recipe.alignment is not None:
+        recipe.alignment.groups = _resolve_path(recipe.alignment.groups, folder)
+        data = recipe.alignment.data
+        if data is not None and data.endswith(".safetensors"):
+            recipe.alignment.data = _resolve_path(data, folder)
     return recipe
 
 
