@@ -198,6 +198,8 @@ def merge(
     self_check: bool = True,
     post: str = "none",
     alignment: Any = None,
+    device: Any = None,
+    device_fallback: bool = False,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -222,6 +224,11 @@ def merge(
     permutation-invariance check before merging, ``post`` ``none``, ``bn_reset`` or ``repair``;
     ``alignment`` a precomputed :class:`~alloykit.alignment.align.Alignment`.
 
+    ``device``: where merged tensors are computed: ``cpu`` (default), ``cuda``, ``cuda:N``, several
+    (``"cuda:0,cuda:1"``, jobs round-robin) or ``auto``; inputs are read and outputs written on the
+    host. Alignment statistics and post-steps run on the first device. ``device_fallback``: a job
+    that runs out of device memory is merged on the host instead of failing.
+
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
     contains or lies inside an input folder, with or without ``force``.
@@ -230,6 +237,9 @@ def merge(
         raise ParameterError(f"threads = {threads} is not allowed; expected at least 1")
     if workers is not None and workers < 1:
         raise ParameterError(f"workers = {workers} is not allowed; expected at least 1")
+    from alloykit.engine.devices import resolve_devices
+
+    devices = resolve_devices(device)
     input_warnings = check_distinct_inputs(models, base_model)
     spec = build_spec(
         models,
@@ -265,6 +275,7 @@ def merge(
             model_parameters,
             preset,
             progress,
+            devices[0],
         )
     elif post != "none" or alignment is not None:
         from alloykit.alignment.pipeline import batches_of, template_module
@@ -296,7 +307,15 @@ def merge(
     if dry_run:
         return result
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    run = dict(workers=workers, max_bytes=max_bytes, progress=progress, threads=threads, digest=digest)
+    run = dict(
+        workers=workers,
+        max_bytes=max_bytes,
+        progress=progress,
+        threads=threads,
+        digest=digest,
+        devices=devices,
+        device_fallback=device_fallback,
+    )
     if post != "none":
         return _merge_then_repair(
             result,
@@ -365,6 +384,7 @@ def _align(
     model_parameters: Any,
     preset: str | None,
     progress: Any,
+    device: torch.device,
 ):
     """Run the method's aligner on the models (read whole: these are models one can run)."""
     from alloykit.alignment.pipeline import prepare_alignment
@@ -390,6 +410,7 @@ def _align(
         check=check,
         exclude_groups=exclude_groups,
         progress=progress,
+        device=device,
     )
 
 
@@ -417,6 +438,8 @@ def _merge_then_repair(
 
     if template is None or not batches:
         raise ParameterError(f"post = {post!r} needs the model definition (model=) and data= (batches)")
+    from alloykit.engine.devices import to_device
+
     sink = DictSink(plan.outputs)
     result.report = run_plan(plan, sink, **run)
     merged = copy.deepcopy(template)
@@ -426,6 +449,9 @@ def _merge_then_repair(
         raise ParameterError(
             f"post = {post!r}: the merged model no longer fits the model definition ({e})"
         ) from None
+    device = run["devices"][0]
+    merged.to(device)
+    batches = to_device(list(batches), device)
     if post == "bn_reset":
         count = bn_reset(merged, batches)
         if count == 0:
@@ -434,10 +460,13 @@ def _merge_then_repair(
         if alignment is None:
             raise ParameterError("post = 'repair' needs an alignment method (its transforms)")
         states = [{k: r.read(k) for k in r.keys()} for r in spec.models]
-        count = repair(merged, modules_for(template, states), alignment, batches)
+        endpoints = [m.to(device) for m in modules_for(template, states)]
+        count = repair(merged, endpoints, alignment, batches)
     result.report.warnings.append(f"post {post}: {count} layers re-estimated on {len(batches)} batches")
     state = {
-        k: v.detach().to(sink.tensors[k].dtype) for k, v in merged.state_dict().items() if k in sink.tensors
+        k: v.detach().to("cpu", sink.tensors[k].dtype)
+        for k, v in merged.state_dict().items()
+        if k in sink.tensors
     }
     result.provenance = provenance(plan, result.report, started, recipe)
     result.provenance["post"] = post

@@ -35,3 +35,7 @@ class OutputExistsError(OutputError, FileExistsError):
 
 class MissingDependencyError(AlloykitError, ImportError):
     """An optional library a feature needs is not installed; the message says what to install."""
+
+
+class DeviceMemoryError(AlloykitError):
+    """An accelerator ran out of memory on a job (and falling back to the host was not allowed)."""

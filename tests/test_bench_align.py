@@ -25,7 +25,13 @@ runner = CliRunner()
 
 def _small(seed: int, methods: tuple[str, ...]) -> bench.AlignSettings:
     return replace(
-        bench.QUICK, architectures=("mlp",), methods=methods, seed=seed, epochs=6, align_samples=300
+        bench.QUICK,
+        architectures=("mlp",),
+        methods=methods,
+        seed=seed,
+        epochs=6,
+        batch_size=128,
+        align_samples=300,
     )
 
 
@@ -53,6 +59,7 @@ def test_activation_matching_beats_weight_averaging_on_digits(tmp_path):
     assert mean["activation_matching"] > mean["weight_average"] + 0.07, mean
     report = (tmp_path / "out0" / "report.md").read_text()
     assert "activation_matching" in report and "ensemble" in report
+    assert "![accuracy](accuracy.png)" in report and (tmp_path / "out0" / "accuracy.png").stat().st_size > 10_000
     stored = json.loads((tmp_path / "out0" / "results.json").read_text())
     assert stored["runs"][0]["rows"]["weight_average"]["per_task_mean"] == pytest.approx(
         per_task["weight_average"][0]

@@ -232,6 +232,12 @@ def test_non_float_tensors_must_agree_and_identical_ones_are_copied(toy):
     b_bad = b | {"position_ids": torch.arange(6).flip(0)}
     with pytest.raises(MismatchError, match="'position_ids'.*not a float tensor.*model_1"):
         merge([a, b_bad], base, "task_arithmetic")
+    # BatchNorm's step counter differs whenever models trained for different numbers of steps:
+    # kept from the reference, with a note, not an error
+    steps = [{"bn.num_batches_tracked": torch.tensor(n)} for n in (100, 250, 40)]
+    res = merge([a | steps[0], b | steps[1]], base | steps[2], "task_arithmetic")
+    assert int(res.state_dict["bn.num_batches_tracked"]) == 40
+    assert any("step counters (num_batches_tracked) differ" in w for w in res.report.warnings)
 
 
 # ----------------------------------------------------------------------------- reports

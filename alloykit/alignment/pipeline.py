@@ -146,9 +146,11 @@ def prepare_alignment(
     check: bool = True,
     exclude_groups: Sequence[str] = (),
     progress: Callable[[str, int, int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Alignment, torch.nn.Module, list[Any]]:
     """Trace, self-check, collect statistics and solve; returns the alignment, the template
-    module and the batches (for post-steps)."""
+    module and the batches (for post-steps). ``device``: where the statistics pass runs (tracing
+    and the self-check run on the host, the solvers on small matrices on the host too)."""
     seconds: dict[str, float] = {}
     template = template_module(model)
     modules = modules_for(template, states)
@@ -175,7 +177,9 @@ def prepare_alignment(
                 what = "activation matching" if aligner == "activations" else aligner
                 raise ParameterError(f"{what} needs data: give data= (batches of model inputs)")
             with timed(seconds, "statistics"):
-                stats = collect_activation_statistics(template, gm, states, table, batches, progress=progress)
+                stats = collect_activation_statistics(
+                    template, gm, states, table, batches, progress=progress, device=device
+                )
             cache.append(stats.correlation)
         return cache[0]
 

@@ -137,8 +137,9 @@ def repair(
     for name, group in layers:
         tr = alignment.transforms[group]
         n = len(endpoints)
-        mu_t = sum((tr.merge[m] * n).T @ ends[m][name][0] for m in range(n)) / n
-        sd_t = sum((tr.merge[m] * n).T @ ends[m][name][1] for m in range(n)) / n
+        here = ends[0][name][0].device  # where the models run
+        mu_t = sum((tr.merge[m].to(here) * n).T @ ends[m][name][0] for m in range(n)) / n
+        sd_t = sum((tr.merge[m].to(here) * n).T @ ends[m][name][1] for m in range(n)) / n
         mean, std = _channel_stats(merged, [name], batches)[name]
         mod = modules[name]
         scale = (sd_t / std.clamp(min=eps)).to(mod.weight.dtype)

@@ -122,11 +122,16 @@ def collect_activation_statistics(
     groups: Sequence[PermGroup] | None = None,
     mask_key: str = "attention_mask",
     progress: Callable[[str, int, int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> ActivationStatistics:
     """One pass over ``batches`` with every model (``states`` loaded into copies of ``model``):
     per group, the sums behind the cross-model correlation of its units. Units are observed with
     forward hooks at module inputs/outputs (any batch shape); sources that are not at a module
-    boundary are read from the traced graph ``gm`` (whose shapes are those of the example)."""
+    boundary are read from the traced graph ``gm`` (whose shapes are those of the example).
+    ``device``: where the models run and the sums accumulate (returned on the host)."""
+    from alloykit.engine.devices import to_device
+
+    device = torch.device(device)
     groups = list(groups or table.groups)
     missing = [g.name for g in groups if not g.activation]
     if missing:
@@ -138,13 +143,13 @@ def collect_activation_statistics(
     for state in states:
         m = copy.deepcopy(gm if not hooked else model)
         m.load_state_dict(state)
-        replicas.append(m.eval())
+        replicas.append(m.eval().to(device))
     n_models = len(states)
     stats = ActivationStatistics(
         {
             g.name: CorrelationSums(
-                torch.zeros(n_models * g.size, dtype=torch.float64),
-                torch.zeros(n_models * g.size, n_models * g.size, dtype=torch.float64),
+                torch.zeros(n_models * g.size, dtype=torch.float64, device=device),
+                torch.zeros(n_models * g.size, n_models * g.size, dtype=torch.float64, device=device),
             )
             for g in groups
         },
@@ -154,6 +159,7 @@ def collect_activation_statistics(
     if not batches:
         raise AlignmentDataError("no alignment data: give at least one batch")
     for b, batch in enumerate(batches):
+        batch = to_device(batch, device)
         mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
         captured = [(_hooked_values if hooked else _graph_values)(m, groups, batch, b) for m in replicas]
         for g in groups:
@@ -166,6 +172,8 @@ def collect_activation_statistics(
         stats.batches += 1
         if progress:
             progress("activations", b + 1, len(batches))
+    for sums in stats.sums.values():
+        sums.total, sums.outer = sums.total.cpu(), sums.outer.cpu()
     stats.check_alive()
     return stats
 

@@ -68,6 +68,7 @@ def calibrate(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> StatisticsSource:
     """Statistics of ``model`` over ``data``.
 
@@ -77,6 +78,8 @@ def calibrate(
       module, a list of batches (mappings are passed as keyword arguments; an
       ``attention_mask`` entry marks padding).
     * ``kind``: ``activations`` (input Grams of linear layers) or ``fisher`` (needs labels).
+    * ``device``: where the forward passes and the Gram products run (``cuda``, ``cuda:N``;
+      default the module's own device); the statistics are stored on the host.
     * ``output``: a safetensors file; if it exists and was made from the same model, data and
       settings it is reused as is, if it was made from others it is refused unless ``force``.
     """
@@ -148,20 +151,37 @@ def calibrate(
                 f"{output} holds statistics of another model, data or settings; choose another file or "
                 "pass force=True (--force) to replace it"
             )
+    if device is not None:
+        from alloykit.engine.devices import resolve_devices, to_device
+
+        target = resolve_devices(device)[0]
+        home = next((p.device for p in module.parameters()), target)
+        if target != home:  # moved back afterwards: a caller's module is left where it was
+            module.to(target)
+            batches = to_device(batches, target)
+    else:
+        home = target = None
+    try:
+        stats = _collect(
+            module,
+            batches,
+            kind,
+            include=include,
+            exclude=exclude,
+            store=store,
+            dtype=store_dtype,
+            max_memory=max_memory,
+            rename=rename,
+            progress=progress,
+            log_probs=log_probs,
+            estimator=estimator,
+        )
+    finally:
+        if target != home:
+            module.to(home)
     if kind == "activations":
-        stats = collect_activation_statistics(
-            module, batches, include=include, exclude=exclude, store=store, dtype=store_dtype,
-            max_memory=max_memory, rename=rename, progress=progress,
-        )  # fmt: skip
         tokens = {e["tokens"] for e in stats.entries.values()}
         meta["tokens"] = max(tokens) if tokens else 0
-    else:
-        if log_probs is None:
-            log_probs = hf_log_probs
-        stats = collect_fisher(
-            module, batches, log_probs=log_probs, estimator=estimator, include=include, exclude=exclude,
-            dtype=store_dtype, rename=rename, progress=progress,
-        )  # fmt: skip
     meta["samples"] = sum(_batch_size(b) for b in batches)
     stats.meta.update(meta)
     stats.label = model_label
@@ -171,6 +191,21 @@ def calibrate(
             log(f"{output}: statistics of {len(stats.entries)} tensors written")
         return StatisticsFile(output)
     return stats
+
+
+def _collect(module: torch.nn.Module, batches: list[Any], kind: str, **options: Any) -> Statistics:
+    common = {k: options[k] for k in ("include", "exclude", "dtype", "rename", "progress")}
+    if kind == "activations":
+        return collect_activation_statistics(
+            module, batches, store=options["store"], max_memory=options["max_memory"], **common
+        )
+    return collect_fisher(
+        module,
+        batches,
+        log_probs=options["log_probs"] or hf_log_probs,
+        estimator=options["estimator"],
+        **common,
+    )
 
 
 def _batch_size(batch: Any) -> int:

@@ -116,18 +116,19 @@ class _Accumulator:
             self.rows.append(x.to(keep).cpu().clone())
             self.n_rows += x.shape[0]
             return
-        if self.gram is None:
-            self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
+        if self.gram is None:  # on the device the model runs on: the product is the cost
+            self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x.device)
             for r in self.rows:
-                self.gram += r.double().T @ r.double()
+                rd = r.double().to(x.device)
+                self.gram += rd.T @ rd
             self.rows = []
-        xd = x.double().cpu()
+        xd = x.double()
         self.gram += xd.T @ xd
         self.n_rows += x.shape[0]
 
     def entry(self, dtype: torch.dtype) -> dict[str, Any]:
         if self.gram is not None:
-            return {"gram": self.gram.to(dtype), "tokens": self.n_rows}
+            return {"gram": self.gram.to("cpu", dtype), "tokens": self.n_rows}
         rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.d_in)
         return {"inputs": rows, "tokens": self.n_rows}
 
@@ -365,7 +366,7 @@ def collect_fisher(
         raise CheckpointError("no calibration examples: give at least one labelled batch")
     entries = {
         (rename(n) if rename else n): {
-            "fisher": (s / examples).to(dtype),
+            "fisher": (s / examples).to("cpu", dtype),
             "examples": examples,
             "signature": weight_signature(params[n]),
             "signature_dtype": str(params[n].dtype).removeprefix("torch."),

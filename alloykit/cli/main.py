@@ -165,6 +165,13 @@ def merge(
             help="intra-op threads per job (the output's bytes depend on it, not on --workers)",
         ),
     ] = 1,
+    device: Annotated[
+        str | None,
+        typer.Option(metavar="DEVICE", help="cpu | cuda | cuda:N | cuda:0,cuda:1 | auto (overrides recipe)"),
+    ] = None,
+    device_fallback: Annotated[
+        bool, typer.Option("--device-fallback", help="merge a tensor on the host if the device runs out")
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -179,6 +186,8 @@ def merge(
             kwargs["shard_size"] = shard_size
         if keys:
             kwargs["keys"] = keys
+        if device:
+            kwargs["device"] = device
         raw = yaml.safe_load(recipe.read_text())
         if not dry_run and output.exists() and not force:
             raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
@@ -211,6 +220,7 @@ def merge(
                 progress=report,
                 threads=threads,
                 protect=[recipe],
+                device_fallback=device_fallback,
             )
     except (AlloykitError, ValueError) as e:
         _fail(e)
@@ -282,6 +292,9 @@ def calibrate(
     ] = "2GiB",
     force: Annotated[bool, typer.Option("--force", help="replace a file made from other model/data")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    device: Annotated[
+        str | None, typer.Option(metavar="DEVICE", help="where the model runs: cpu | cuda | cuda:N")
+    ] = None,
 ) -> None:
     """Run calibration data through MODEL and write the statistics that data-aware methods read
     (input Grams of every linear layer, or the diagonal Fisher). An existing OUTPUT made from the
@@ -301,7 +314,7 @@ def calibrate(
     with bar:
         stats = run(model, data, kind=kind, samples=samples, batch_size=batch_size, max_length=max_length,
                     seed=seed, include=include, exclude=exclude, max_memory=parse_size(max_memory),
-                    output=output, force=force, progress=report, log=_log)  # fmt: skip
+                    output=output, force=force, progress=report, log=_log, device=device)  # fmt: skip
     meta = stats.meta
     console.print(
         f"{output}: {len(stats.names())} tensors, {meta.get('samples')} samples"
@@ -507,6 +520,10 @@ def align_merge(
     ] = None,
     post: Annotated[str, typer.Option(help="none | bn_reset | repair")] = "none",
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(metavar="DEVICE", help="cpu | cuda | cuda:N | cuda:0,cuda:1 | auto"),
+    ] = None,
 ) -> None:
     """Align MODELS and merge them into OUTPUT (the recipe equivalent: an alignment: block)."""
     import yaml
@@ -526,6 +543,7 @@ def align_merge(
             "models": [{"model": str(m)} for m in models],
             "parameters": params,
             "alignment": {"model": model, "data": data, "post": post},
+            "device": device,
         }
         r = recipe_from_dict(raw)
         if output.exists() and not force:

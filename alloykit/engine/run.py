@@ -6,17 +6,18 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import xxhash
 
+from alloykit.engine.devices import CPU, is_out_of_memory, on_device, to_device
 from alloykit.engine.executor import DEFAULT_THREADS, in_plan_order, intra_op_threads, make_executor
 from alloykit.engine.memory import PeakRSS, tune_allocator
 from alloykit.engine.plan import MergePlan, TensorJob
-from alloykit.errors import MismatchError, NonFiniteError
+from alloykit.errors import DeviceMemoryError, MismatchError, NonFiniteError
 from alloykit.methods.base import TensorContext
 
 
@@ -60,6 +61,7 @@ class MergeReport:
     relative_delta_norm: dict[str, float] = field(default_factory=dict)
     # Per input (models in order, then the base): sha256 of the bytes the merge read.
     digests: list[dict[str, Any]] = field(default_factory=list)
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # where merged jobs computed
 
     def as_dict(self) -> dict[str, Any]:
         """Everything but the digests (the provenance lists those with each input)."""
@@ -152,10 +154,18 @@ def _inputs(
     return tensors, base
 
 
-def _copy(plan: MergePlan, job: TensorJob, digests: InputDigests | None) -> torch.Tensor:
+# Step counters that differ between models for an innocent reason (each was trained for its own
+# number of steps) and that no forward pass reads: the reference's value is kept, with a note.
+COUNTERS = ("num_batches_tracked",)
+
+
+def _copy(
+    plan: MergePlan, job: TensorJob, digests: InputDigests | None, notes: list[str] | None = None
+) -> torch.Tensor:
     """A tensor that is not merged: taken from ``job.copy_from``. The other inputs' copies are
-    read too, for their digests and because a non-float tensor (positions, masks, counters)
-    that differs between models cannot be merged and must not be silently picked."""
+    read too, for their digests and because a non-float tensor (positions, masks) that differs
+    between models cannot be merged and must not be silently picked (BatchNorm's step counter
+    excepted: its reference value is kept, and said so)."""
     chosen = _read(plan, job.copy_from, job, None, digests=digests)
     # copy_from is the base when it holds the tensor (then every source is another holder),
     # else the first source (and the base does not hold it).
@@ -165,6 +175,12 @@ def _copy(plan: MergePlan, job: TensorJob, digests: InputDigests | None) -> torc
         other = _read(plan, i, job, None, check=False, digests=digests)
         if not chosen.is_floating_point() and not torch.equal(other, chosen):
             readers = [*plan.spec.models, plan.spec.base]
+            if job.name.rsplit(".", 1)[-1] in COUNTERS and notes is not None:
+                notes.append(
+                    f"step counters ({COUNTERS[0]}) differ between the models; kept "
+                    f"{readers[job.copy_from].label}'s (no forward pass reads them)"
+                )
+                continue
             raise MismatchError(
                 f"tensor {job.name!r} ({chosen.dtype}, not a float tensor, so it cannot be merged) "
                 f"differs between {readers[job.copy_from].label} and {readers[i].label}; give models "
@@ -206,9 +222,16 @@ def _statistics(plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor]) ->
 
 
 def _context(
-    spec: Any, job: TensorJob, state: Any, statistics: tuple[Any, ...] = (), notes: list[str] | None = None
+    spec: Any,
+    job: TensorJob,
+    state: Any,
+    statistics: tuple[Any, ...] = (),
+    notes: list[str] | None = None,
+    device: torch.device = CPU,
 ) -> TensorContext:
     transforms = spec.alignment.entries(job.name) if spec.alignment is not None else ()
+    if device != CPU:
+        statistics, transforms = to_device((statistics, transforms), device)
     return TensorContext(
         job.name,
         spec.seed,
@@ -220,6 +243,21 @@ def _context(
     )
 
 
+class _PerDevice:
+    """The whole-model state of a pass, copied once to each device that asks for it."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        self._copies: dict[torch.device, Any] = {CPU: state}
+        self._lock = threading.Lock()
+
+    def on(self, device: torch.device) -> Any:
+        with self._lock:
+            if device not in self._copies:
+                self._copies[device] = to_device(self.state, device)
+            return self._copies[device]
+
+
 def run_plan(
     plan: MergePlan,
     sink: Sink,
@@ -229,13 +267,17 @@ def run_plan(
     progress: Callable[[str, int, int], None] | None = None,
     digest: bool = True,
     threads: int = DEFAULT_THREADS,
+    devices: Sequence[torch.device] = (CPU,),
+    device_fallback: bool = False,
 ) -> MergeReport:
     """Execute ``plan`` into ``sink``; returns timings, bytes, the measured peak RSS and (with
     ``digest``) a content digest of every input (:class:`InputDigests`).
 
-    The bytes written depend on the plan and ``threads`` (intra-op threads per job) only: not
-    on ``workers``, on the order jobs finish in, or on the executor (partial results are folded
-    in plan order)."""
+    The bytes written depend on the plan, ``threads`` (intra-op threads per job) and ``devices``
+    only: not on ``workers``, on the order jobs finish in, or on the executor (partial results are
+    folded in plan order). ``devices``: where merged jobs compute, round-robin in plan order
+    (:mod:`alloykit.engine.devices`); a job that runs out of device memory is an error naming it,
+    or with ``device_fallback`` runs again on the host."""
     spec = plan.spec
     method = spec.method
     tune_allocator()
@@ -256,14 +298,45 @@ def run_plan(
     t0 = time.perf_counter()
     unchanged = [0]
     notes: list[str] = []  # methods' remarks (list.append is atomic: workers share it)
+    devices = list(devices) or [CPU]
+    device_of = {id(j): devices[i % len(devices)] for i, j in enumerate(merged_jobs)}
+    on_host = [0]  # jobs moved back to the host after running out of device memory
+
+    def run_on(job: TensorJob, compute: Callable[[torch.device], Any]) -> Any:
+        device = device_of[id(job)]
+        if device == CPU:
+            return compute(CPU)
+        try:
+            with on_device(device):
+                return to_device(compute(device), CPU)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            need = job.cost
+            if not device_fallback:
+                raise DeviceMemoryError(
+                    f"{device} ran out of memory merging {job.name!r} (its inputs alone take "
+                    f"{need / 2**20:.0f} MiB; the method needs a few times that): use fewer --workers, "
+                    "--device cpu, or --device-fallback to merge such tensors on the host"
+                ) from None
+            on_host[0] += 1
+            return compute(CPU)
+
     with PeakRSS() as rss, intra_op_threads(threads):
         state: Any = None
         for p in range(plan.reduction_passes):
+            state_on = _PerDevice(state)
 
-            def reduce_one(job: TensorJob, _p: int = p, _state: Any = state) -> Any:
+            def reduce_one(job: TensorJob, _p: int = p, _state: _PerDevice = state_on) -> Any:
                 tensors, base = _inputs(plan, job, check=_p == 0)  # inputs are checked once
-                ctx = _context(spec, job, _state, _statistics(plan, job, tensors))  # no notes: said once
-                return method.reduction.map(_p, _state, tensors, base, ctx, job.params)
+                stats = _statistics(plan, job, tensors)
+
+                def compute(device: torch.device) -> Any:
+                    xs, b = to_device((tensors, base), device)
+                    ctx = _context(spec, job, _state.on(device), stats, device=device)  # no notes: said once
+                    return method.reduction.map(_p, _state.on(device), xs, b, ctx, job.params)
+
+                return run_on(job, compute)
 
             acc = None
             results = executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))
@@ -274,33 +347,43 @@ def run_plan(
             state = method.reduction.finish(p, state, acc, plan.global_params)
             report.bytes_read += sum(j.read_bytes for j in merged_jobs)
 
+        state_final = _PerDevice(state)
+
         def merge_one(job: TensorJob) -> tuple[list[float], float, bool]:
             start = None if job.length is None else job.start
             if not job.merge:
-                t = _copy(plan, job, digests)
+                t = _copy(plan, job, digests, notes)
                 sink.write(job.name, t.to(job.out.dtype), start)
                 return [], 0.0, False
             tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
-            ctx = _context(spec, job, state, _statistics(plan, job, tensors), notes)
-            merged = method.fn(tensors, base, ctx, **job.params)
-            expected = job.out.shape if job.length is None else (job.length,)
-            if tuple(merged.shape) != expected:
-                raise RuntimeError(
-                    f"{method.name} returned shape {list(merged.shape)} for "
-                    f"{job.name!r}, expected {list(expected)}"
-                )
-            sink.write(job.name, merged.to(job.out.dtype), start)
-            same = base is not None and torch.equal(merged, base)
-            if base is None or job.start != 0:
-                # The same-base check looks at the first slice of every tensor only: enough to
-                # tell a fine-tune from an unrelated model, at a fraction of the cost.
-                return [], 0.0, same
-            b = base.float()
-            return (
-                [float((x.float() - b).square().sum()) for x in tensors],
-                float(b.square().sum()),
-                same,
-            )
+            stats = _statistics(plan, job, tensors)
+
+            def compute(device: torch.device) -> tuple[torch.Tensor, list[float], float, bool]:
+                xs, b0 = to_device((tensors, base), device)
+                ctx = _context(spec, job, state_final.on(device), stats, notes, device=device)
+                merged = method.fn(xs, b0, ctx, **job.params)
+                expected = job.out.shape if job.length is None else (job.length,)
+                if tuple(merged.shape) != expected:
+                    raise RuntimeError(
+                        f"{method.name} returned shape {list(merged.shape)} for "
+                        f"{job.name!r}, expected {list(expected)}"
+                    )
+                if merged.device != device:
+                    raise RuntimeError(
+                        f"{method.name} returned {job.name!r} on {merged.device}, not {device}"
+                    )
+                same = b0 is not None and torch.equal(merged, b0)
+                if b0 is None or job.start != 0:
+                    # The same-base check looks at the first slice of every tensor only: enough to
+                    # tell a fine-tune from an unrelated model, at a fraction of the cost.
+                    return merged.to(job.out.dtype), [], 0.0, same
+                b = b0.float()
+                deltas = [float((x.float() - b).square().sum()) for x in xs]
+                return merged.to(job.out.dtype), deltas, float(b.square().sum()), same
+
+            merged, deltas, base_sq, same = run_on(job, compute)
+            sink.write(job.name, merged, start)
+            return deltas, base_sq, same
 
         results = executor.run(merge_one, ((j, j.cost) for j in plan.jobs))
         for i, (deltas, base_sq, same) in enumerate(in_plan_order(results)):
@@ -317,6 +400,11 @@ def run_plan(
         if digests is not None:
             report.digests = digests.combined()
     report.warnings += sorted(set(notes))
+    if on_host[0]:
+        report.warnings.append(
+            f"{on_host[0]} job(s) ran out of device memory and were merged on the host (--device-fallback)"
+        )
+    report.devices = [str(d) for d in devices]
     n_merged_jobs = len(merged_jobs)
     if n_merged_jobs and unchanged[0] == n_merged_jobs:
         report.warnings.append(

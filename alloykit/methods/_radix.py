@@ -39,7 +39,7 @@ def low_histograms(x: torch.Tensor, buckets: list[int | None]) -> torch.Tensor:
     bucket gives a row of zeros."""
     keys = sort_keys(x)
     high = keys >> 16
-    out = torch.zeros((len(buckets), BINS), dtype=torch.int64)
+    out = torch.zeros((len(buckets), BINS), dtype=torch.int64, device=x.device)
     for j, bucket in enumerate(buckets):
         if bucket is not None:
             out[j] = torch.bincount(keys[high == bucket - BINS // 2] & 0xFFFF, minlength=BINS)

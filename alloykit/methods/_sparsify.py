@@ -29,7 +29,7 @@ def outlier_mask_tensor(delta: torch.Tensor, density: float, gamma: float) -> to
     n_top = int(gamma * n)
     n_bot = max(0, n - keep - n_top)
     order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[n_bot : n_bot + keep]] = 1
     return mask.reshape(delta.shape)
 
@@ -50,10 +50,10 @@ def outlier_mask_rows(delta: torch.Tensor, density: float, gamma: float) -> torc
     if density >= 1 and int(n * gamma) == 0:
         return None
     axis = rows.dim() - 1
-    remove = torch.ones(rows.shape, dtype=delta.dtype)
+    remove = torch.ones(rows.shape, dtype=delta.dtype, device=delta.device)
     _, top = torch.topk(rows.abs(), int(n * gamma))
     remove.scatter_(axis, top, 0.0)
-    kept = torch.zeros(rows.shape, dtype=delta.dtype)
+    kept = torch.zeros(rows.shape, dtype=delta.dtype, device=delta.device)
     _, top = torch.topk((rows * remove).abs(), int(n * density))
     kept.scatter_(axis, top, 1.0)
     return (kept * remove).reshape(delta.shape)

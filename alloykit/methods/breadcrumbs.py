@@ -77,7 +77,7 @@ def _masked(
     rescale: str,
 ) -> torch.Tensor:
     """(T, …) task vectors, each masked (and optionally L1-rescaled), in the compute dtype."""
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, x in enumerate(tensors):
         d = x - base
         if scope == "tensor":

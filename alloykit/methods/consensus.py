@@ -29,7 +29,7 @@ def tall_masks(
     |τ_t| > λ_t |τ_MTL − τ_t| (``>=`` with ``compare="inclusive"``), computed on the weights as
     the reference code does (``generate_task_masks``)."""
     theta_mtl = base + multi
-    out = torch.empty((len(tensors), *base.shape), dtype=torch.bool)
+    out = torch.empty((len(tensors), *base.shape), dtype=torch.bool, device=base.device)
     for t, x in enumerate(tensors):
         own = (base - x).abs()
         rest = (theta_mtl - x).abs() * tall_mask_lambda[t]

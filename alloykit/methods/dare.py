@@ -90,11 +90,11 @@ def dare(
     the ``mergekit``/``mergekit_ties`` presets (``dare_linear``/``dare_ties``) reproduce
     everything else: L1 rescale, weighted sign election, ``normalize`` as ``aggregate``.
     """
-    dropped = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+    dropped = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, x in enumerate(tensors):
         d = x - base
         if density[i] < 1:
-            mask = bernoulli_mask(d.shape, density[i], ctx.generator(i)).to(d.dtype)
+            mask = bernoulli_mask(d.shape, density[i], ctx.generator(i)).to(d.device, d.dtype)
             if rescale == "l1":
                 d = rescale_l1(d, mask)
             elif rescale == "inverse":

@@ -83,7 +83,7 @@ def _dropped(
     name: str,
 ) -> torch.Tensor:
     check_magprune_window(density, epsilon, f"{name} (tensor {ctx.name!r})" if ctx.name else name)
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, x in enumerate(tensors):
         out[i] = magprune_drop(
             x - base,

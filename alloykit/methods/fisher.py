@@ -18,7 +18,7 @@ class FisherNorms:
 
     def map(self, index: int, state: Any, tensors: list[torch.Tensor], base: torch.Tensor | None,
             ctx: TensorContext, params: dict[str, Any]) -> torch.Tensor:  # fmt: skip
-        out = torch.zeros(len(tensors), dtype=torch.float64)
+        out = torch.zeros(len(tensors), dtype=torch.float64, device=tensors[0].device)
         for t, entry in enumerate(ctx.statistics):
             if entry is not None:
                 out[t] = entry["fisher"].double().square().sum()
@@ -75,9 +75,9 @@ def fisher(
     entries = ctx.statistics
     if not entries or entries[0] is None:
         return torch.stack([t.to(wd) for t in tensors]).mean(0).to(tensors[0].dtype)
-    coef = torch.tensor(weight, dtype=wd)
+    coef = torch.tensor(weight, dtype=wd, device=tensors[0].device)
     if normalize:
-        inv = 1.0 / (torch.tensor(ctx.stats["fisher_norm"], dtype=wd) + floor)
+        inv = 1.0 / (torch.as_tensor(ctx.stats["fisher_norm"], dtype=wd, device=coef.device) + floor)
         coef = coef * inv / inv.sum()
     shape = (len(tensors),) + (1,) * tensors[0].dim()
     f = torch.stack([e["fisher"].to(wd) for e in entries]) + floor

@@ -51,7 +51,7 @@ def linear(
     """
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    w = torch.tensor(weight, dtype=dtype)
+    w = torch.tensor(weight, dtype=dtype, device=first.device)
     result = torch.zeros_like(first, dtype=dtype)
     shape = (1,) * first.dim()
     for x, wi in zip(tensors, w.unbind(0), strict=True):

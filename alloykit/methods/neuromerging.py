@@ -64,7 +64,7 @@ def orthogonal_part(perp: torch.Tensor, v: torch.Tensor, s: torch.Tensor, energy
     rho = s.shape[1]
     q = torch.clamp((cum < energy).sum(dim=1) + 1, max=rho)
     q = torch.where(total.squeeze(1) > 0, q, rho)  # all-zero updates: nothing to truncate
-    z_bar = z_bar * (torch.arange(rho) < q.unsqueeze(1))
+    z_bar = z_bar * (torch.arange(rho, device=q.device) < q.unsqueeze(1))
     return (v @ z_bar.unsqueeze(-1)).squeeze(-1)
 
 

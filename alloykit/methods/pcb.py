@@ -48,8 +48,8 @@ def _clipped_and_scores(
 
     in the reference code's order of operations (``PCB_merge`` in ``pcb-merging.py``)."""
     n = deltas.shape[0]
-    lo = torch.tensor(q_lo, dtype=torch.float32).unsqueeze(1)
-    hi = torch.tensor(q_hi, dtype=torch.float32).unsqueeze(1)
+    lo = torch.tensor(q_lo, dtype=torch.float32, device=deltas.device).unsqueeze(1)
+    hi = torch.tensor(q_hi, dtype=torch.float32, device=deltas.device).unsqueeze(1)
     clamped_abs = torch.clamp(deltas.abs(), lo, hi)
     # Min-max over the clamped row: its minimum is q_lo and its maximum q_hi (both are entries of
     # the row). torch.clamp gives max when min > max; the row is then constant.
@@ -72,7 +72,8 @@ def _scale(scores: torch.Tensor, cut: list[float | None], top: list[float | None
         if cut[t] is None or top[t] is None or not top[t] > cut[t]:
             rows.append(torch.zeros_like(scores[t]))
             continue
-        c, m = torch.tensor(cut[t]), torch.tensor(top[t])  # float32, as the reference's rows
+        # float32, as the reference's rows
+        c, m = (torch.tensor(v, device=scores.device) for v in (cut[t], top[t]))
         rows.append((torch.clamp(scores[t], c, m) - c) / (m - c))
     return torch.stack(rows)
 
@@ -269,7 +270,7 @@ def pcb(
     clipped, scores = _clipped_and_scores(deltas, stats["q_lo"], stats["q_hi"])
     scale = _scale(scores, stats["cut"], stats["top"])
     if any(w != 1 for w in weight):
-        clipped = clipped * torch.tensor(weight, dtype=clipped.dtype).unsqueeze(1)
+        clipped = clipped * torch.tensor(weight, dtype=clipped.dtype, device=clipped.device).unsqueeze(1)
     merged = torch.sum(clipped * scale, dim=0) / torch.clamp(torch.sum(scale, dim=0), min=1e-12)
     if lambda_ != 1:
         merged = lambda_ * merged

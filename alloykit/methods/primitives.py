@@ -69,7 +69,7 @@ def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     above = mags >= kth
     if int(above.sum()) == k:
         return above.reshape(delta.shape)
-    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
     mask[torch.argsort(mags, descending=True)[:k]] = True
     return mask.reshape(delta.shape)
 
@@ -171,7 +171,7 @@ def elect_and_combine(
 
 def stack_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-model weights as a (T, 1, …, 1) tensor broadcastable to stacked (T, …) deltas."""
-    w = torch.tensor(weights, dtype=like.dtype)
+    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
     return w.reshape((len(weights),) + (1,) * (like.dim() - 1))
 
 
@@ -348,7 +348,7 @@ def trim_task_vectors(
     ``topk="model"`` uses the per-task thresholds of :class:`ModelTopK` (in ``ctx.stats``);
     ``topk="tensor"`` trims each tensor on its own with ``topk_rule`` ``exact`` (mergekit) or
     ``kthvalue`` (reference-code rule). ``rescale="l1"`` restores each δ_t's L1 norm."""
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, x in enumerate(tensors):
         d = torch.sub(x, base, out=out[i])
         if topk == "model":

@@ -66,7 +66,7 @@ def slerp(
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(1, -1)
     b = v1.reshape(1, -1)
-    tt = torch.tensor([t], dtype=dtype).reshape(-1, 1)
+    tt = torch.tensor([t], dtype=dtype, device=v0.device).reshape(-1, 1)
     if not a.shape[1]:
         return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
     step = _CHUNK  # mergekit: max(1, _CHUNK // rows), one row per tensor here

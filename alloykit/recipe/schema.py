@@ -17,6 +17,7 @@ An alloykit recipe::
     keys: strict             # strict | union | intersection
     exclude: ["lm_head"]     # regexes: matching tensors are copied from the base, not merged
     output: {shard_size: 5GB, copy_files_from: ./base}
+    device: cuda             # where tensors are merged (default cpu; --device overrides)
 
 Models trained separately (``method: activation_matching``, ``zipit``, ``mudsc_zip``, ...) add::
 
@@ -89,6 +90,8 @@ class Recipe(BaseModel):
     exclude: list[str] | None = None
     output: OutputOptions = Field(default_factory=OutputOptions)
     alignment: AlignmentOptions | None = None
+    # where merged tensors are computed: cpu, cuda, cuda:N, "cuda:0,cuda:1", auto
+    device: str | None = None
     # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
     source_format: str = "alloykit"
 
@@ -109,6 +112,7 @@ class Recipe(BaseModel):
             )
         return dict(
             **aligned,
+            device=self.device,
             models=[m.model for m in self.models],
             statistics=[m.statistics for m in self.models]
             if any(m.statistics for m in self.models)
