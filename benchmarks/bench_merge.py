@@ -102,9 +102,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ties_mergekit_d1": {"method": "ties", "base": True, "preset": "mergekit"},
     "dare": {"method": "dare", "base": True, "parameters": {"density": 0.5}},
     "neuromerging": {"method": "neuromerging", "base": True},
+    # svd=auto (default): float64 Gram eigendecompositions where well conditioned; _exact: the
+    # reference code's torch.linalg.svd everywhere.
     "tsv_m": {"method": "tsv_m", "base": True},
+    "tsv_m_exact": {"method": "tsv_m", "base": True, "parameters": {"svd": "exact"}},
     "iso_c": {"method": "iso_c", "base": True},
+    "iso_c_exact": {"method": "iso_c", "base": True, "parameters": {"svd": "exact"}},
     "iso_cts": {"method": "iso_cts", "base": True},
+    "iso_cts_exact": {"method": "iso_cts", "base": True, "parameters": {"svd": "exact"}},
     "consensus": {"method": "consensus", "base": True},
     "pcb": {"method": "pcb", "base": True},
     "magmax": {"method": "magmax", "base": True},

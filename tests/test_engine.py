@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from alloykit import merge
+from alloykit import merge, merge_state_dicts
 from alloykit.errors import MismatchError, NonFiniteError, OutputExistsError
 from alloykit.io import open_checkpoint
 from tests.conftest import make_base, make_finetunes, save_folder
@@ -251,3 +251,49 @@ def test_dare_slices_draw_their_own_masks_deterministically(toy):
     assert torch.equal(a["layers.0.attn.bias"], whole["layers.0.attn.bias"])  # 6 < 10: one slice
     assert not torch.equal(a["embed.weight"], whole["embed.weight"])
     assert torch.equal(a["embed.weight"].reshape(-1)[:10], whole["embed.weight"].reshape(-1)[:10])
+
+
+def test_outsized_jobs_do_not_run_together_without_a_memory_bound(tmp_path):
+    """Two embedding-sized whole-tensor jobs under the default budget run one after the other,
+    while the small jobs still share the workers."""
+    import threading
+    import time
+
+    from alloykit.methods import REGISTRY
+    from alloykit.methods.base import merge_method
+
+    running: list[int] = []
+    peak = {"big": 0, "all": 0}
+    lock = threading.Lock()
+
+    @merge_method("hold_for_test", params=[], needs_base=False, memory_factor=4.0)
+    def hold(tensors, base, ctx):
+        big = tensors[0].numel() > 10_000
+        with lock:
+            running.append(big)
+            peak["big"] = max(peak["big"], sum(running))
+            peak["all"] = max(peak["all"], len(running))
+        time.sleep(0.05)
+        with lock:
+            running.remove(big)
+        return tensors[0]
+
+    try:
+        g = torch.Generator().manual_seed(0)
+        sd = {
+            "embed.weight": torch.randn(400, 64, generator=g),
+            "head.weight": torch.randn(400, 64, generator=g),
+        }
+        sd |= {f"layer{i}.weight": torch.randn(16, 16, generator=g) for i in range(12)}
+        other = {k: v + 1 for k, v in sd.items()}
+        res = merge_state_dicts([sd, other], None, "hold_for_test", workers=3)
+        assert torch.equal(res["embed.weight"], sd["embed.weight"])
+        from alloykit.api import build_spec
+        from alloykit.engine.plan import plan_merge
+
+        plan = plan_merge(build_spec([sd, other], None, "hold_for_test"))
+        costs = sorted((j.cost for j in plan.jobs), reverse=True)
+        assert plan.default_budget(3) == costs[0] + 2 * costs[3] < 2 * costs[0]
+        assert peak["big"] == 1 and peak["all"] >= 2
+    finally:
+        REGISTRY.pop("hold_for_test", None)

@@ -3,6 +3,8 @@ reference code's own route: zero-padded bases, explicit projectors), and their p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -290,7 +292,7 @@ def test_bf16_inputs_are_decomposed_in_float32_and_returned_in_bf16(method):
 def test_lowrank_svd_is_close_to_exact_deterministic_and_only_used_for_small_ranks(method, params):
     base, fts = task_matrices((60, 48), 4, seed=16, decay=0.85)
     m = get_method(method)
-    exact = m(fts, base, **params)
+    exact = m(fts, base, svd="exact", **params)
     ctx = TensorContext(name="layers.0.w", seed=3)
     kw = dict(params, svd="lowrank", lowrank_niter=4, lowrank_oversample=10)
     low = m(fts, base, ctx, **kw)
@@ -344,7 +346,7 @@ def test_merge_of_safetensors_folders_equals_the_direct_call(toy, method, params
 
 def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(monkeypatch):
     base, fts = task_matrices((12, 8), 3, seed=17)
-    expected = get_method("iso_cts")([f.double() for f in fts], base.double())
+    expected = get_method("iso_cts")([f.double() for f in fts], base.double(), svd="exact")
     real_svd = torch.linalg.svd
     failed = []
 
@@ -355,6 +357,63 @@ def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(monkeypa
         return real_svd(a, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
-    out = get_method("iso_cts")(fts, base)
+    out = get_method("iso_cts")(fts, base, svd="exact")
     assert failed and out.dtype == torch.float32
     close(out, expected, tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the Gram route
+
+
+def _spectrum_matrices(shape, n_tasks, cond, seed):
+    """Task vectors whose singular values fall geometrically from 1 to 1/cond."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    r = min(m, n)
+    base = torch.randn(m, n, generator=g, dtype=torch.float64)
+    fts = []
+    for _ in range(n_tasks):
+        q1 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+        q2 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+        sig = 0.05 * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)
+        fts.append(base + q1 @ torch.diag(sig) @ q2.T)
+    return base.float(), [f.float() for f in fts]
+
+
+@pytest.mark.parametrize("method", ["iso_c", "tsv_m", "iso_cts"])
+@pytest.mark.parametrize("shape", [(160, 48), (48, 160), (64, 64)])
+@pytest.mark.parametrize("cond", [10.0, 1e3, 5e3])
+def test_the_gram_route_is_at_least_as_accurate_as_the_float32_svd(method, shape, cond):
+    """Against the float64 SVD of the same float32 inputs: svd=auto (float64 Gram eigh) errs no
+    more than the reference's float32 SVD (svd=exact), up to a float32 rounding floor."""
+    base, fts = _spectrum_matrices(shape, 3, cond, seed=int(cond) + shape[0])
+    m = get_method(method)
+    truth = m([f.double() for f in fts], base.double(), svd="exact")
+    scale = float((truth - base.double()).abs().max())
+    err_exact = float((m(fts, base, svd="exact").double() - truth).abs().max()) / scale
+    err_auto = float((m(fts, base, svd="auto").double() - truth).abs().max()) / scale
+    assert err_auto <= max(1.5 * err_exact, 2e-6), (err_auto, err_exact)
+
+
+def test_the_gram_route_falls_back_to_the_svd_past_its_bound():
+    from alloykit.methods._svd import GRAM_MAX_COND, TopSVD, gram_polar, gram_svd
+
+    base, fts = _spectrum_matrices((80, 40), 2, 1e6, seed=3)
+    delta = fts[0] - base
+    assert gram_svd(delta) is None and gram_polar(delta) is None
+    assert gram_svd(delta, 10) is not None  # the top 10 alone are well conditioned
+    top = TopSVD("auto")
+    u, s, vh = top(delta, 40)
+    assert top.fallbacks == 1
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, delta, rtol=0, atol=1e-6)
+    _, fine = _spectrum_matrices((80, 40), 2, GRAM_MAX_COND / 2, seed=3)
+    a = fine[0] - base
+    u, s, vh = gram_svd(a)
+    # the singular values of the very float32 matrix, to float32 rounding even at σ₁/σ_r = 5000
+    s64 = torch.linalg.svdvals(a.double())
+    assert float(((s.double() - s64) / s64).abs().max()) < 1e-6
+    torch.testing.assert_close(u.mT @ u, torch.eye(40), rtol=0, atol=1e-5)
+    torch.testing.assert_close((u * s) @ vh, a, rtol=0, atol=1e-6)
+    # an exactly rank-deficient matrix (a LoRA update) takes the SVD
+    low = torch.randn(80, 4) @ torch.randn(4, 40)
+    assert gram_polar(low) is None

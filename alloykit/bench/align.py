@@ -368,6 +368,15 @@ def write_report(
         if shared:
             lines.append("")
             lines.append("Shared steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in shared.items()))
+    claims = claim_checks(results)
+    if claims:
+        lines += ["", "## The MuDSC paper's claims on this run", ""]
+        head = "MuDSC-zip ≥ ZipIt | MuDSC-align ≥ max(weight, activation matching)"
+        lines.append(f"| run | {head} |")
+        lines.append("| | per-task / joint (points) | per-task / joint (points) |")
+        lines.append("|---|---|---|")
+        for c in claims:
+            lines.append(f"| {c['run']} | {c['zip']} | {c['align']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     files = {"results": out / "results.json", "report": out / "report.md"}
     if draw:
@@ -419,6 +428,33 @@ def plot(out: Path, results: dict[str, Any]) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def claim_checks(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Per run, whether MuDSC-zip ≥ ZipIt and MuDSC-align ≥ max(weight matching, activation
+    matching), per-task and joint, with the differences in points."""
+
+    def verdict(rows: dict[str, Any], ours: str, others: Sequence[str]) -> str:
+        if any(k not in rows or "error" in rows[k] for k in (ours, *others)):
+            return "–"
+        cells = []
+        for metric in ("per_task_mean", "joint"):
+            best = max(rows[k][metric] for k in others)
+            diff = 100 * (rows[ours][metric] - best)
+            cells.append(f"{'yes' if diff >= 0 else 'no'} ({diff:+.1f})")
+        return " / ".join(cells)
+
+    out = []
+    for run in results["runs"]:
+        rows = run["rows"]
+        out.append(
+            {
+                "run": f"{run['architecture']} ×{run['n_models']}",
+                "zip": verdict(rows, "mudsc_zip", ["zipit"]),
+                "align": verdict(rows, "mudsc_align", ["weight_matching", "activation_matching"]),
+            }
+        )
+    return [c for c in out if c["zip"] != "–" or c["align"] != "–"]
 
 
 def summary(results: dict[str, Any], methods: Sequence[str] = METHODS) -> list[str]:

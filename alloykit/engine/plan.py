@@ -113,12 +113,24 @@ class MergePlan:
                 out[name] = next(iter(values.values())) if values else default
         return out
 
+    def default_budget(self, workers: int) -> int:
+        """The bytes in flight allowed when the user sets no bound: the largest job plus the
+        next-largest tier for the other workers. Equal-sized jobs (streamed slices) are not
+        held back; two of a few outsized jobs (an embedding and an LM head under an SVD
+        method) do not run at once, so the peak stays near the largest job."""
+        costs = sorted((j.cost for j in self.jobs), reverse=True)
+        if not costs:
+            return 0
+        tier = costs[min(workers, len(costs) - 1)]
+        return costs[0] + max(0, workers - 1) * tier
+
     def peak_estimate(self, workers: int, max_bytes: int | None) -> int:
         costs = sorted((j.cost for j in self.jobs), reverse=True)
         if not costs:
             return 0
         top = sum(costs[:workers])
-        return min(top, max(max_bytes, costs[0])) if max_bytes else top
+        bound = max_bytes if max_bytes else self.default_budget(workers)
+        return min(top, max(bound, costs[0]))
 
 
 def _layer_position(names: list[str]) -> dict[str, float]:

@@ -282,6 +282,8 @@ def run_plan(
     method = spec.method
     tune_allocator()
     executor = make_executor(workers, max_bytes)
+    if max_bytes is None and hasattr(executor, "max_bytes"):
+        executor.max_bytes = plan.default_budget(executor.workers)
     report = MergeReport(
         tensors=len(plan.outputs),
         merged=len(plan.merged_names),

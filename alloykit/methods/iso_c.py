@@ -6,9 +6,11 @@ import torch
 
 from alloykit.methods._svd import (
     CONV,
+    FULL_SVD,
     MATRICES,
     PAPER_MATRICES,
     RANK_TOL,
+    TopSVD,
     alpha_param,
     iso_c_matrix,
     merge_tensor,
@@ -25,6 +27,7 @@ from alloykit.methods.primitives import scale_search
         RANK_TOL,
         MATRICES,
         CONV,
+        FULL_SVD,
     ],
     needs_base=True,
     presets={"paper": {"matrices": PAPER_MATRICES}},
@@ -40,6 +43,7 @@ def iso_c(
     rank_tol: float,
     matrices: str,
     conv: str,
+    svd: str,
 ) -> torch.Tensor:
     """Iso-C: θ = θ_0 + α σ̄ U Vᵀ, where Σ_t τ_t = U diag(σ) Vᵀ and σ̄ = mean(σ) (flat spectrum).
 
@@ -60,6 +64,11 @@ def iso_c(
     default; when Σ τ_t is rank-deficient, e.g. LoRA-merged fine-tunes, the reference method
     gives its arbitrary null-space directions the value σ̄); ``conv="svd"`` decomposes kernels
     reshaped to out × rest (the code averages them). Zero task vectors give the base.
+
+    Speed: ``svd="auto"`` (default) computes σ̄·U Vᵀ = σ̄·polar(Σ τ_t) from one eigendecomposition
+    of the float64 Gram matrix where σ₁/σ_r ≤ 10⁴ (more accurate than the reference's float32
+    SVD there, and 2-4× faster on tall matrices), else from ``torch.linalg.svd`` as the code does;
+    ``svd="exact"`` always takes the SVD.
     """
     return merge_tensor(
         tensors,
@@ -67,5 +76,5 @@ def iso_c(
         alpha=alpha,
         matrices=matrices,
         conv=conv,
-        merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol),
+        merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol, top_svd=TopSVD(svd)),
     )
