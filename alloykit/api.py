@@ -16,7 +16,7 @@ import yaml
 from alloykit.dtypes import dtype_name, parse_dtype
 from alloykit.engine import DictSink, MergePlan, MergeReport, MergeSpec, plan_merge, run_plan
 from alloykit.engine.executor import DEFAULT_THREADS
-from alloykit.errors import ParameterError
+from alloykit.errors import CheckpointError, ParameterError
 from alloykit.io import StreamingWriter, open_checkpoint, parse_size
 from alloykit.io.paths import check_output_location, resolved
 from alloykit.io.readers import CheckpointReader
@@ -105,6 +105,31 @@ def _same_content_warnings(spec: MergeSpec, report: MergeReport) -> list[str]:
     return warnings
 
 
+def _open_model(source: Source, label: str, base: CheckpointReader | None) -> CheckpointReader:
+    """A model: a checkpoint, a PEFT LoRA adapter folder (on the base model), or
+    ``"model+adapter"`` (mergekit's notation: the adapter on that model)."""
+    from alloykit.io.lora import LoraReader, is_adapter
+
+    if isinstance(source, str | os.PathLike):
+        text = str(source)
+        if "+" in text and not Path(text).exists():
+            on, adapter = text.rsplit("+", 1)
+            if not is_adapter(adapter):
+                raise CheckpointError(
+                    f"{text}: read as model+adapter, but {adapter} is not a local PEFT adapter folder "
+                    "(no adapter_config.json); alloykit reads local folders only"
+                )
+            return LoraReader(adapter, open_checkpoint(on, on), label)
+        if is_adapter(text):
+            if base is None:
+                raise ParameterError(
+                    f"{text} is a LoRA adapter: give its base model (base_model=, --base or recipe "
+                    "base_model), or write 'base_path+adapter_path'"
+                )
+            return LoraReader(text, base, label)
+    return open_checkpoint(source, label)
+
+
 def build_spec(
     models: Sequence[Source],
     base_model: Source | None,
@@ -134,12 +159,12 @@ def build_spec(
         stats = [
             None if s is None else open_statistics(s, _label(models[i], i)) for i, s in enumerate(statistics)
         ]
-    readers: list[CheckpointReader] = [open_checkpoint(s, _label(s, i)) for i, s in enumerate(models)]
     base = None
     if base_model is not None:
         base = open_checkpoint(
             base_model, str(base_model) if isinstance(base_model, str | os.PathLike) else "base"
         )
+    readers: list[CheckpointReader] = [_open_model(s, _label(s, i), base) for i, s in enumerate(models)]
     return MergeSpec(
         models=readers,
         method=m,
@@ -343,17 +368,31 @@ def merge(
     with StreamingWriter(output, plan.outputs, parse_size(shard_size), force=force) as writer:
         result.report = run_plan(plan, writer, **run)
         result.report.warnings += _same_content_warnings(spec, result.report)
-        writer.copy_companions(companion, spec.out_dtype)
         result.provenance = provenance(plan, result.report, started, recipe)
-        writer.write_text(
-            "alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n"
-        )
-        writer.write_text(
-            "alloykit_recipe.yml",
-            yaml.safe_dump(recipe if recipe is not None else result.provenance["recipe"], sort_keys=False),
-        )
+        _write_records(writer, result, spec, recipe, companion)
         result.output = writer.commit()
     return result
+
+
+def _write_records(writer: StreamingWriter, result: MergeResult, spec: MergeSpec, recipe, companion) -> None:
+    """Beside the tensors: the base's config and tokenizer files, the provenance, the recipe and a
+    model card (README.md) that says how the model was made."""
+    from alloykit.io.model_card import model_card
+
+    copied = writer.copy_companions(companion, spec.out_dtype)
+    writer.write_text("alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n")
+    used = recipe if recipe is not None else result.provenance["recipe"]
+    writer.write_text("alloykit_recipe.yml", yaml.safe_dump(used, sort_keys=False))
+    card = model_card(
+        method=spec.method.name,
+        method_doc=spec.method.fn.__doc__ or "",
+        models=[m.label for m in spec.models],
+        base=spec.base.label if spec.base is not None else None,
+        base_folder=Path(companion) if companion is not None else None,
+        recipe=used,
+        has_config="config.json" in copied,
+    )
+    writer.write_text("README.md", card)
 
 
 class _Unaligned:
@@ -476,14 +515,7 @@ def _merge_then_repair(
     with StreamingWriter(output, plan.outputs, parse_size(shard_size), force=force) as writer:
         for name, t in state.items():
             writer.write(name, t.contiguous())
-        writer.copy_companions(companion, spec.out_dtype)
-        writer.write_text(
-            "alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n"
-        )
-        writer.write_text(
-            "alloykit_recipe.yml",
-            yaml.safe_dump(recipe if recipe is not None else result.provenance["recipe"], sort_keys=False),
-        )
+        _write_records(writer, result, spec, recipe, companion)
         result.output = writer.commit()
     return result
 

@@ -123,7 +123,6 @@ def test_cli_errors_are_clear_and_exit_2(toy):
             r"mergekit method 'karcher' is not supported yet",
         ),
         ({"merge_method": "ties", "slices": []}, r"'slices:' \(layer-range merges\) is not supported yet"),
-        ({"merge_method": "ties", "models": [{"model": "a+lora"}]}, r"LoRA references \(model\+lora\)"),
         ({"merge_method": "ties", "models": [{"model": "org/m@v1"}]}, r"revisions are not supported"),
         (
             {"merge_method": "ties", "tokenizer_source": "union", "models": [{"model": "a"}]},

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import xxhash
+import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -199,16 +200,17 @@ def _adapter_folder(tmp_path):
     return folder
 
 
-def test_an_adapter_folder_is_refused_with_a_clear_message(toy, tmp_path):
-    folder = _adapter_folder(tmp_path)
-    for given in (folder, folder / "adapter_model.safetensors"):
-        with pytest.raises(CheckpointError, match="PEFT adapter.*merge_and_unload"):
-            merge([toy["paths"][0], given], toy["base_path"], "task_arithmetic", keys="union")
+def test_a_broken_adapter_or_its_bare_factor_file_is_refused_with_a_clear_message(toy, tmp_path):
+    folder = _adapter_folder(tmp_path)  # no lora_alpha in its config
+    with pytest.raises(CheckpointError, match="lora_alpha = None; expected a positive number"):
+        merge([toy["paths"][0], folder], toy["base_path"], "task_arithmetic", keys="union")
+    with pytest.raises(CheckpointError, match="PEFT adapter.*only on its base"):
+        merge([toy["paths"][0], folder / "adapter_model.safetensors"], toy["base_path"], "task_arithmetic")
     recipe = tmp_path / "r.yml"
     recipe.write_text(json.dumps({"method": "task_arithmetic", "base_model": str(toy["base_path"]),
                                   "models": [{"model": str(folder)}], "keys": "union"}))  # fmt: skip
     res = runner.invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "out")])
-    assert res.exit_code == 2 and "PEFT adapter" in res.output
+    assert res.exit_code == 2 and "lora_alpha" in res.output
     assert not (tmp_path / "out").exists()
 
 
@@ -321,3 +323,18 @@ def test_the_readme_recipe_runs_as_written(tmp_path, monkeypatch):
     assert density["layers.1.mlp.weight"] == [0.2, 0.3]  # ft-math sets its own 0.2
     assert density["embed.weight"] == [0.2, 0.2]
     assert yaml.safe_load(block)["method"] == prov["recipe"]["method"] == "ties"
+
+
+def test_the_output_has_a_hugging_face_model_card(toy, tmp_path):
+    out = tmp_path / "merged"
+    merge(toy["paths"][:2], toy["base_path"], "ties", output=out, parameters={"density": 0.5})
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["tags"] == ["merge", "alloykit", "ties"]
+    assert front["base_model"] == str(toy["base_path"]) and front["library_name"] == "transformers"
+    assert "**ties**" in text and "TIES-Merging" in text
+    assert f"- model: `{toy['paths'][1]}`" in text and "density: 0.5" in text
+    hub = pytest.importorskip("huggingface_hub")
+    card = hub.ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(toy["base_path"]) and "merge" in card.data.tags

@@ -314,17 +314,17 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def _refuse_adapter(path: Path) -> None:
     """A PEFT adapter folder (``adapter_config.json``) holds lora_A/lora_B factors, not a model:
-    merging it as one would write factors into the output. Refused until adapters are inputs."""
+    read as one it would write factors into the output. Adapters are models through
+    :class:`alloykit.io.lora.LoraReader`, on a base."""
     folder = path if path.is_dir() else path.parent
     if not (folder / "adapter_config.json").is_file():
         return
     if path.is_file() and not path.name.startswith("adapter_model"):
         return  # a model file that merely sits beside an adapter
     raise CheckpointError(
-        f"{path}: this is a PEFT adapter (adapter_config.json with LoRA factors), not a model; "
-        "alloykit cannot merge adapters yet. Merge it into its base first (peft: "
-        "PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and "
-        "give that folder instead."
+        f"{path}: this is a PEFT adapter (adapter_config.json with LoRA factors), not a whole "
+        "model; it is one only on its base: give it as a model of a merge that has a base model "
+        "(or as 'base_path+adapter_path')."
     )
 
 

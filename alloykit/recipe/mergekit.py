@@ -86,11 +86,6 @@ def _local(ref: Any, what: str) -> str:
         ref = ref.get("model")
     if not isinstance(ref, str):
         raise RecipeError(f"{what}: expected a model path, got {ref!r}")
-    if "+" in ref:
-        raise RecipeError(
-            f"{what} {ref!r}: LoRA references (model+lora) are not supported yet; "
-            "merge the adapter into its model first"
-        )
     if "@" in ref:
         raise RecipeError(
             f"{what} {ref!r}: revisions are not supported; alloykit reads local "

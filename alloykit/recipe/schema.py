@@ -146,6 +146,9 @@ def _resolve_path(p: str | None, folder: Path | None) -> str | None:
     else relative to the recipe's own folder."""
     if p is None or folder is None or Path(p).is_absolute() or Path(p).exists():
         return p
+    if "+" in p:  # model+adapter (mergekit): each part on its own
+        on, adapter = p.rsplit("+", 1)
+        return f"{_resolve_path(on, folder)}+{_resolve_path(adapter, folder)}"
     candidate = folder / p
     return str(candidate) if candidate.exists() else p
 
