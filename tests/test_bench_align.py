@@ -59,7 +59,8 @@ def test_activation_matching_beats_weight_averaging_on_digits(tmp_path):
     assert mean["activation_matching"] > mean["weight_average"] + 0.07, mean
     report = (tmp_path / "out0" / "report.md").read_text()
     assert "activation_matching" in report and "ensemble" in report
-    assert "![accuracy](accuracy.png)" in report and (tmp_path / "out0" / "accuracy.png").stat().st_size > 10_000
+    assert "![accuracy](accuracy.png)" in report
+    assert (tmp_path / "out0" / "accuracy.png").stat().st_size > 10_000
     stored = json.loads((tmp_path / "out0" / "results.json").read_text())
     assert stored["runs"][0]["rows"]["weight_average"]["per_task_mean"] == pytest.approx(
         per_task["weight_average"][0]
