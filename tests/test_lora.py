@@ -209,3 +209,97 @@ def test_mergekit_recipe_with_model_plus_lora(llama, tmp_path):
     recipe.write_text(recipe.read_text().replace(str(llama["adapters"][0]), str(tmp_path / "nowhere")))
     res = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "out2")])
     assert res.exit_code == 2 and "is not a local PEFT adapter folder" in res.output
+
+
+# ----------------------------------------------------------------------------- extract-lora
+
+
+def _low_rank_finetune(base_model, folder, rank=3, seed=5, norm_shift=0.1):
+    """base + a rank-``rank`` update on q_proj and down_proj of every layer, and a shifted norm."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    ft = copy.deepcopy(base_model)
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if n.endswith(("q_proj.weight", "down_proj.weight")):
+                p.add_(
+                    0.05
+                    * torch.randn(p.shape[0], rank, generator=g)
+                    @ torch.randn(rank, p.shape[1], generator=g)
+                )
+            elif n == "model.norm.weight":
+                p.add_(norm_shift)
+    ft.save_pretrained(folder, safe_serialization=True)
+    return ft
+
+
+def test_extracted_adapter_loads_with_peft_and_reproduces_the_model(llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from alloykit.cli.main import app
+
+    base_model = transformers.LlamaForCausalLM.from_pretrained(llama["base"]).eval()
+    ft = _low_rank_finetune(base_model, tmp_path / "ft")
+    out = tmp_path / "adapter"
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract-lora",
+            str(tmp_path / "ft"),
+            "-b",
+            str(llama["base"]),
+            "-o",
+            str(out),
+            "--rank",
+            "4",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert sorted(report["modules"]) == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
+    assert all(m["rank"] == 4 and m["relative_error"] < 1e-5 for m in report["modules"].values())
+    assert report["modules_to_save"] == ["model.norm"] and report["dropped"] == {}
+    loaded = peft.PeftModel.from_pretrained(base_model, out).merge_and_unload()
+    want = ft.state_dict()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-5, msg=k)
+    x = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(loaded(x).logits, ft(x).logits, rtol=0, atol=1e-4)
+    # the adapter is also a model for alloykit, on its base
+    other = str(llama["dense"][1])
+    via_adapter = alloykit.merge([str(out), other], str(llama["base"]), "task_arithmetic").state_dict
+    via_dense = alloykit.merge(
+        [str(tmp_path / "ft"), other], str(llama["base"]), "task_arithmetic"
+    ).state_dict
+    _close(via_adapter, via_dense, atol=1e-5)
+
+
+def test_energy_picks_the_smallest_rank_and_reports_the_truncation_error(llama, tmp_path):
+    from alloykit.io.lora_export import extract_lora
+
+    dense = llama["dense"][0]  # adapter 1 merged: rank 4 updates on q, v and down
+    res = extract_lora(dense, llama["base"], tmp_path / "e", energy=0.9)
+    for module, m in res.modules.items():
+        fine = load_file(dense / "model.safetensors")[f"{module}.weight"].double()
+        base = load_file(llama["base"] / "model.safetensors")[f"{module}.weight"].double()
+        s = torch.linalg.svdvals(fine - base)
+        e = s.square() / s.square().sum()
+        assert m["rank"] <= 4 and float(e[: m["rank"]].sum()) >= 0.9 > float(e[: m["rank"] - 1].sum())
+        # a truncated SVD's error is the energy it leaves out
+        assert m["relative_error"] == pytest.approx((1 - m["energy"]) ** 0.5, abs=1e-4)
+    capped = extract_lora(dense, llama["base"], tmp_path / "c", energy=1.0, max_rank=2)
+    assert all(m["rank"] == 2 for m in capped.modules.values())
+
+
+def test_extract_lora_refuses_what_it_cannot_do(llama, tmp_path):
+    from alloykit.io.lora_export import extract_lora
+
+    with pytest.raises(ParameterError, match="energy = 1.5"):
+        extract_lora(llama["dense"][0], llama["base"], tmp_path / "a", energy=1.5)
+    with pytest.raises(MismatchError, match="does not differ from the base"):
+        extract_lora(llama["base"], llama["base"], tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -432,6 +432,51 @@ def inspect(
     out.print(f"overall sign-conflict rate: {rep['sign_conflict_rate']:.2%}")
 
 
+@app.command("extract-lora")
+@guarded
+def extract_lora_cmd(
+    model: Annotated[Path, typer.Argument(help="a fine-tuned or merged model")],
+    base: Annotated[Path, typer.Option("--base", "-b", help="the base model")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="adapter folder to write")],
+    rank: Annotated[int, typer.Option(min=1, help="rank of every adapted module")] = 16,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="instead of --rank: per module, the smallest rank keeping this share of ‖Δ‖²"),
+    ] = None,
+    max_rank: Annotated[int | None, typer.Option(min=1, help="cap on the rank chosen by --energy")] = None,
+    dtype: Annotated[str | None, typer.Option(help="dtype of the factors (default: the base's)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Write MODEL − BASE as a PEFT LoRA adapter (truncated SVD per module; loads with
+    peft.PeftModel.from_pretrained), with each module's rank and error reported."""
+    from alloykit.io.lora_export import extract_lora
+
+    try:
+        if output.exists() and not force:
+            raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
+        res = extract_lora(
+            model, base, output, rank=rank, energy=energy, max_rank=max_rank, dtype=dtype, force=force
+        )
+    except (AlloykitError, ValueError) as e:
+        _fail(e)
+        return
+    if as_json:
+        print(json.dumps(res.as_dict(), indent=2))
+        return
+    t = Table(title=f"LoRA adapter written to {res.output}")
+    for col in ("module", "kind", "rank", "energy kept", "relative error"):
+        t.add_column(col)
+    for name, m in res.modules.items():
+        t.add_row(name, m["kind"], str(m["rank"]), f"{m['energy']:.4f}", f"{m['relative_error']:.2e}")
+    Console().print(t)
+    if res.saved:
+        print("saved whole (modules_to_save): " + ", ".join(res.saved))
+    for name, rel in res.dropped.items():
+        print(f"dropped (PEFT LoRA cannot hold it): {name}, changed by {rel:.2%} of its norm")
+    print(f"unchanged tensors: {res.unchanged}")
+
+
 @app.command()
 @guarded
 def demo(

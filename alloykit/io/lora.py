@@ -113,6 +113,8 @@ class LoraReader:
             if m:
                 factors.setdefault(m["module"], {})[m["kind"]] = t
                 continue
+            if ".base_layer." in name:
+                continue  # PEFT's copy of an adapted embedding's base weight: the base's own
             # modules_to_save: a full tensor that replaces the base's
             name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
             if name not in base_keys:

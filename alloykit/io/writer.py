@@ -179,8 +179,10 @@ class StreamingWriter:
         max_shard_bytes: int = 5 * 10**9,
         force: bool = False,
         metadata: dict[str, str] | None = None,
+        stem: str = "model",
     ):
         self.out_dir = Path(out_dir)
+        self.stem = stem  # file names: model.safetensors, or adapter_model.safetensors for PEFT
         self.force = force
         self._committed = False
         self._aborted = False
@@ -227,9 +229,9 @@ class StreamingWriter:
         meta = {"format": "pt", **(metadata or {})}
         for i, shard in enumerate(shards):
             fname = (
-                "model.safetensors"
+                f"{self.stem}.safetensors"
                 if len(shards) == 1
-                else (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+                else (f"{self.stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
             )
             # Larger items first keeps every tensor aligned to its item size, like safetensors does.
             ordered = sorted(shard, key=lambda m: -m.dtype.itemsize)
@@ -330,7 +332,9 @@ class StreamingWriter:
             self._close_files()
             if self.n_shards > 1:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-                (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                (self.tmp_dir / f"{self.stem}.safetensors.index.json").write_text(
+                    json.dumps(index, indent=2) + "\n"
+                )
             with _signals_held():
                 old = None
                 if self.out_dir.exists():
