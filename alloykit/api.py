@@ -225,6 +225,8 @@ def merge(
     alignment: Any = None,
     device: Any = None,
     device_fallback: bool = False,
+    executor: str = "thread",
+    ray_address: str | None = None,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -254,6 +256,10 @@ def merge(
     host. Alignment statistics and post-steps run on the first device. ``device_fallback``: a job
     that runs out of device memory is merged on the host instead of failing.
 
+    ``executor``: ``thread`` (default: jobs in this process) or ``ray`` (jobs as Ray tasks on a
+    local or running cluster, ``ray_address``; inputs and the output folder must be on storage
+    every node sees). The bytes written are the same.
+
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
     contains or lies inside an input folder, with or without ``force``.
@@ -262,6 +268,8 @@ def merge(
         raise ParameterError(f"threads = {threads} is not allowed; expected at least 1")
     if workers is not None and workers < 1:
         raise ParameterError(f"workers = {workers} is not allowed; expected at least 1")
+    if executor not in ("thread", "ray"):
+        raise ParameterError(f"executor = {executor!r} is not allowed; expected thread or ray")
     from alloykit.engine.devices import resolve_devices
 
     devices = resolve_devices(device)
@@ -340,6 +348,8 @@ def merge(
         digest=digest,
         devices=devices,
         device_fallback=device_fallback,
+        executor=executor,
+        ray_address=ray_address,
     )
     if post != "none":
         return _merge_then_repair(

@@ -172,6 +172,12 @@ def merge(
     device_fallback: Annotated[
         bool, typer.Option("--device-fallback", help="merge a tensor on the host if the device runs out")
     ] = False,
+    executor: Annotated[
+        str | None, typer.Option(metavar="KIND", help="thread (default) or ray (overrides recipe)")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -188,6 +194,11 @@ def merge(
             kwargs["keys"] = keys
         if device:
             kwargs["device"] = device
+        if executor:
+            kwargs["executor"] = executor
+        if ray_address:
+            kwargs["ray_address"] = ray_address
+            kwargs.setdefault("executor", "ray")
         raw = yaml.safe_load(recipe.read_text())
         if not dry_run and output.exists() and not force:
             raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
@@ -261,6 +272,9 @@ def merge(
         rep = result.report
         t.add_row("time", f"{rep.seconds:.2f} s on {rep.workers} worker(s)")
         t.add_row("peak RSS", f"{_gib(rep.peak_rss)} (baseline {_gib(rep.baseline_rss)})")
+        for node, jobs in rep.nodes.items():
+            peak = rep.worker_peak_rss.get(node, 0)
+            t.add_row(f"ray node {node}", f"{jobs} jobs, worker peak RSS {_gib(peak)}")
         for label, rel in rep.relative_delta_norm.items():
             t.add_row(f"‖θ−θ₀‖/‖θ₀‖ {label}", f"{rel:.4f}")
     for w in summary["warnings"]:

@@ -105,5 +105,20 @@ def intra_op_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def make_executor(workers: int | None, max_bytes: int | None) -> Executor:
+def make_executor(
+    workers: int | None, max_bytes: int | None, kind: str = "thread", address: str | None = None
+) -> Executor:
+    """``thread`` (this process) or ``ray`` (Ray tasks, :mod:`alloykit.engine.ray_executor`)."""
+    if kind == "ray":
+        from alloykit.engine.ray_executor import RayExecutor
+
+        return RayExecutor(workers, max_bytes, address)
+    if kind != "thread":
+        from alloykit.errors import ParameterError
+
+        raise ParameterError(f"executor = {kind!r} is not allowed; expected thread or ray")
+    if address is not None:
+        from alloykit.errors import ParameterError
+
+        raise ParameterError("ray_address is given but the executor is 'thread'; add executor='ray'")
     return ThreadExecutor(workers, max_bytes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 import threading
@@ -62,6 +64,9 @@ class MergeReport:
     # Per input (models in order, then the base): sha256 of the bytes the merge read.
     digests: list[dict[str, Any]] = field(default_factory=list)
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # where merged jobs computed
+    executor: str = "thread"
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray: jobs per node (of every pass)
+    worker_peak_rss: dict[str, int] = field(default_factory=dict)  # Ray: largest worker peak per node
 
     def as_dict(self) -> dict[str, Any]:
         """Everything but the digests (the provenance lists those with each input)."""
@@ -85,10 +90,11 @@ class InputDigests:
         self._lock = threading.Lock()
 
     def add(self, index: int, job: TensorJob, raw: torch.Tensor) -> None:
-        data = raw.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digest = xxhash.xxh3_128_hexdigest(memoryview(data))
+        self.put(*slice_digest(index, job, raw))
+
+    def put(self, index: int, key: tuple[str, int], value: tuple[int, str, str]) -> None:
         with self._lock:
-            self._parts[index][(job.name, job.start)] = (raw.numel(), str(raw.dtype), digest)
+            self._parts[index][key] = value
 
     def combined(self) -> list[dict[str, Any]]:
         out = []
@@ -107,6 +113,21 @@ class InputDigests:
                 }
             )
         return out
+
+
+def slice_digest(
+    index: int, job: TensorJob, raw: torch.Tensor
+) -> tuple[int, tuple[str, int], tuple[int, str, str]]:
+    data = raw.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = xxhash.xxh3_128_hexdigest(memoryview(data))
+    return index, (job.name, job.start), (raw.numel(), str(raw.dtype), digest)
+
+
+class _DigestList(list):
+    """One job's slice digests, handed back to the driver with its result."""
+
+    def add(self, index: int, job: TensorJob, raw: torch.Tensor) -> None:
+        self.append(slice_digest(index, job, raw))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -251,11 +272,145 @@ class _PerDevice:
         self._copies: dict[torch.device, Any] = {CPU: state}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(d["state"])
+
     def on(self, device: torch.device) -> Any:
         with self._lock:
             if device not in self._copies:
                 self._copies[device] = to_device(self.state, device)
             return self._copies[device]
+
+
+@dataclass
+class JobOutcome:
+    """What a merge job hands back to the driver (picklable: jobs may run in other processes)."""
+
+    name: str
+    start: int | None
+    deltas: list[float] = field(default_factory=list)
+    base_sq: float = 0.0
+    same: bool = False
+    notes: list[str] = field(default_factory=list)
+    digests: list[tuple] = field(default_factory=list)
+    on_host: int = 0
+    written: int | None = None  # elements the job wrote into the output itself
+    tensor: torch.Tensor | None = None  # a result the driver writes (when the job cannot)
+
+
+class JobRunner:
+    """Runs one job of a plan: reads its inputs, computes on its device, writes or returns the
+    result. Picklable, so that an executor may run it in other processes (Ray): what a job
+    finds (digests, notes, written elements) is returned, never shared. With ``remote``, jobs
+    write through the sink's ``remote()`` handle where it has one (output shards at their
+    planned offsets), else return their tensors for the driver to write."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        sink: Sink,
+        devices: Sequence[torch.device],
+        device_fallback: bool,
+        digest: bool,
+        threads: int,
+        remote: bool,
+    ):
+        self.plan = plan
+        self.devices = list(devices)
+        self.device_fallback = device_fallback
+        self.digest = digest
+        self.threads = threads
+        self.remote = remote
+        handle = getattr(sink, "remote", None)
+        self.sink = (handle() if callable(handle) else None) if remote else sink
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def _run_on(self, job: TensorJob, device: torch.device, compute: Callable[[torch.device], Any]) -> tuple:
+        """(result, 1 if it ran on the host after the device ran out of memory else 0)."""
+        if device == CPU:
+            return compute(CPU), 0
+        try:
+            with on_device(device):
+                return to_device(compute(device), CPU), 0
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if not self.device_fallback:
+                raise DeviceMemoryError(
+                    f"{device} ran out of memory merging {job.name!r} (its inputs alone take "
+                    f"{job.cost / 2**20:.0f} MiB; the method needs a few times that): use fewer --workers, "
+                    "--device cpu, or --device-fallback to merge such tensors on the host"
+                ) from None
+            return compute(CPU), 1
+
+    def _threads(self):
+        return intra_op_threads(self.threads) if self.remote else contextlib.nullcontext()
+
+    def reduce(self, index: int, state: _PerDevice, item: tuple[TensorJob, int]) -> tuple[Any, int]:
+        job, d = item
+        plan, method = self.plan, self.plan.spec.method
+        with self._threads():
+            tensors, base = _inputs(plan, job, check=index == 0)  # inputs are checked once
+            stats = _statistics(plan, job, tensors)
+
+            def compute(device: torch.device) -> Any:
+                xs, b = to_device((tensors, base), device)
+                ctx = _context(plan.spec, job, state.on(device), stats, device=device)  # no notes: said once
+                return method.reduction.map(index, state.on(device), xs, b, ctx, job.params)
+
+            return self._run_on(job, self.devices[d], compute)
+
+    def merge(self, state: _PerDevice, item: tuple[TensorJob, int]) -> JobOutcome:
+        job, d = item
+        plan, method = self.plan, self.plan.spec.method
+        start = None if job.length is None else job.start
+        out = JobOutcome(job.name, start)
+        digests = _DigestList() if self.digest else None
+        with self._threads():
+            if not job.merge:
+                result = _copy(plan, job, digests, out.notes).to(job.out.dtype)
+            else:
+                tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
+                stats = _statistics(plan, job, tensors)
+
+                def compute(device: torch.device) -> tuple[torch.Tensor, list[float], float, bool]:
+                    xs, b0 = to_device((tensors, base), device)
+                    ctx = _context(plan.spec, job, state.on(device), stats, out.notes, device=device)
+                    merged = method.fn(xs, b0, ctx, **job.params)
+                    expected = job.out.shape if job.length is None else (job.length,)
+                    if tuple(merged.shape) != expected:
+                        raise RuntimeError(
+                            f"{method.name} returned shape {list(merged.shape)} for "
+                            f"{job.name!r}, expected {list(expected)}"
+                        )
+                    if merged.device != device:
+                        raise RuntimeError(
+                            f"{method.name} returned {job.name!r} on {merged.device}, not {device}"
+                        )
+                    same = b0 is not None and torch.equal(merged, b0)
+                    if b0 is None or job.start != 0:
+                        # The same-base check looks at the first slice of every tensor only: enough
+                        # to tell a fine-tune from an unrelated model, at a fraction of the cost.
+                        return merged.to(job.out.dtype), [], 0.0, same
+                    b = b0.float()
+                    deltas = [float((x.float() - b).square().sum()) for x in xs]
+                    return merged.to(job.out.dtype), deltas, float(b.square().sum()), same
+
+                (result, out.deltas, out.base_sq, out.same), out.on_host = self._run_on(
+                    job, self.devices[d], compute
+                )
+            if self.remote and self.sink is None:
+                out.tensor = result
+            else:
+                self.sink.write(job.name, result, start)
+                out.written = result.numel() if self.remote else None
+        out.digests = list(digests or [])
+        return out
 
 
 def run_plan(
@@ -269,6 +424,8 @@ def run_plan(
     threads: int = DEFAULT_THREADS,
     devices: Sequence[torch.device] = (CPU,),
     device_fallback: bool = False,
+    executor: str = "thread",
+    ray_address: str | None = None,
 ) -> MergeReport:
     """Execute ``plan`` into ``sink``; returns timings, bytes, the measured peak RSS and (with
     ``digest``) a content digest of every input (:class:`InputDigests`).
@@ -281,7 +438,8 @@ def run_plan(
     spec = plan.spec
     method = spec.method
     tune_allocator()
-    executor = make_executor(workers, max_bytes)
+    kind = executor
+    executor = make_executor(workers, max_bytes, kind, ray_address)
     if max_bytes is None and hasattr(executor, "max_bytes"):
         executor.max_bytes = plan.default_budget(executor.workers)
     report = MergeReport(
@@ -299,104 +457,53 @@ def run_plan(
     sq_base = [0.0]
     t0 = time.perf_counter()
     unchanged = [0]
-    notes: list[str] = []  # methods' remarks (list.append is atomic: workers share it)
+    notes: list[str] = []
     devices = list(devices) or [CPU]
-    device_of = {id(j): devices[i % len(devices)] for i, j in enumerate(merged_jobs)}
     on_host = [0]  # jobs moved back to the host after running out of device memory
-
-    def run_on(job: TensorJob, compute: Callable[[torch.device], Any]) -> Any:
-        device = device_of[id(job)]
-        if device == CPU:
-            return compute(CPU)
-        try:
-            with on_device(device):
-                return to_device(compute(device), CPU)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            need = job.cost
-            if not device_fallback:
-                raise DeviceMemoryError(
-                    f"{device} ran out of memory merging {job.name!r} (its inputs alone take "
-                    f"{need / 2**20:.0f} MiB; the method needs a few times that): use fewer --workers, "
-                    "--device cpu, or --device-fallback to merge such tensors on the host"
-                ) from None
-            on_host[0] += 1
-            return compute(CPU)
+    remote = bool(getattr(executor, "remote", False))
+    runner = JobRunner(plan, sink, devices, device_fallback, digest, threads, remote)
+    # merged jobs go to devices round-robin in plan order
+    placed = [(j, i % len(devices) if j.merge else 0) for i, j in enumerate(merged_jobs)]
+    merge_items = []
+    k = 0
+    for j in plan.jobs:
+        merge_items.append((j, k % len(devices) if j.merge else 0))
+        k += j.merge
 
     with PeakRSS() as rss, intra_op_threads(threads):
         state: Any = None
         for p in range(plan.reduction_passes):
-            state_on = _PerDevice(state)
-
-            def reduce_one(job: TensorJob, _p: int = p, _state: _PerDevice = state_on) -> Any:
-                tensors, base = _inputs(plan, job, check=_p == 0)  # inputs are checked once
-                stats = _statistics(plan, job, tensors)
-
-                def compute(device: torch.device) -> Any:
-                    xs, b = to_device((tensors, base), device)
-                    ctx = _context(spec, job, _state.on(device), stats, device=device)  # no notes: said once
-                    return method.reduction.map(_p, _state.on(device), xs, b, ctx, job.params)
-
-                return run_on(job, compute)
-
+            fn = functools.partial(runner.reduce, p, _PerDevice(state))
             acc = None
-            results = executor.run(reduce_one, ((j, j.cost) for j in merged_jobs))
-            for i, partial in enumerate(in_plan_order(results)):
+            results = executor.run(fn, ((item, item[0].cost) for item in placed))
+            for i, (partial, moved) in enumerate(in_plan_order(results)):
+                on_host[0] += moved
                 acc = method.reduction.fold(p, acc, partial)
                 if progress:
                     progress(f"pass {p + 1}/{plan.reduction_passes}", i + 1, len(merged_jobs))
             state = method.reduction.finish(p, state, acc, plan.global_params)
             report.bytes_read += sum(j.read_bytes for j in merged_jobs)
 
-        state_final = _PerDevice(state)
-
-        def merge_one(job: TensorJob) -> tuple[list[float], float, bool]:
-            start = None if job.length is None else job.start
-            if not job.merge:
-                t = _copy(plan, job, digests, notes)
-                sink.write(job.name, t.to(job.out.dtype), start)
-                return [], 0.0, False
-            tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
-            stats = _statistics(plan, job, tensors)
-
-            def compute(device: torch.device) -> tuple[torch.Tensor, list[float], float, bool]:
-                xs, b0 = to_device((tensors, base), device)
-                ctx = _context(spec, job, state_final.on(device), stats, notes, device=device)
-                merged = method.fn(xs, b0, ctx, **job.params)
-                expected = job.out.shape if job.length is None else (job.length,)
-                if tuple(merged.shape) != expected:
-                    raise RuntimeError(
-                        f"{method.name} returned shape {list(merged.shape)} for "
-                        f"{job.name!r}, expected {list(expected)}"
-                    )
-                if merged.device != device:
-                    raise RuntimeError(
-                        f"{method.name} returned {job.name!r} on {merged.device}, not {device}"
-                    )
-                same = b0 is not None and torch.equal(merged, b0)
-                if b0 is None or job.start != 0:
-                    # The same-base check looks at the first slice of every tensor only: enough to
-                    # tell a fine-tune from an unrelated model, at a fraction of the cost.
-                    return merged.to(job.out.dtype), [], 0.0, same
-                b = b0.float()
-                deltas = [float((x.float() - b).square().sum()) for x in xs]
-                return merged.to(job.out.dtype), deltas, float(b.square().sum()), same
-
-            merged, deltas, base_sq, same = run_on(job, compute)
-            sink.write(job.name, merged, start)
-            return deltas, base_sq, same
-
-        results = executor.run(merge_one, ((j, j.cost) for j in plan.jobs))
-        for i, (deltas, base_sq, same) in enumerate(in_plan_order(results)):
+        fn = functools.partial(runner.merge, _PerDevice(state))
+        results = executor.run(fn, ((item, item[0].cost) for item in merge_items))
+        for i, out in enumerate(in_plan_order(results)):
+            if out.tensor is not None:
+                sink.write(out.name, out.tensor, out.start)
+            elif out.written is not None:
+                sink.record(out.name, out.written)
+            if digests is not None:
+                for entry in out.digests:
+                    digests.put(*entry)
+            notes.extend(out.notes)
+            on_host[0] += out.on_host
             if progress:
                 progress("merge", i + 1, len(plan.jobs))
-            unchanged[0] += same
-            sq_base[0] += base_sq
+            unchanged[0] += out.same
+            sq_base[0] += out.base_sq
             # A job's sources are the models that hold the tensor; with strict keys, all of them.
-            if deltas and len(deltas) == n_models:
-                for k, v in enumerate(deltas):
-                    sq_delta[k] += v
+            if out.deltas and len(out.deltas) == n_models:
+                for m, v in enumerate(out.deltas):
+                    sq_delta[m] += v
         report.bytes_read += sum(j.read_bytes for j in plan.jobs)
         report.bytes_written = plan.write_bytes
         if digests is not None:
@@ -407,6 +514,10 @@ def run_plan(
             f"{on_host[0]} job(s) ran out of device memory and were merged on the host (--device-fallback)"
         )
     report.devices = [str(d) for d in devices]
+    report.executor = kind
+    if getattr(executor, "nodes", None):
+        report.nodes = {node[:12]: jobs for node, jobs in executor.nodes.items()}
+        report.worker_peak_rss = {node[:12]: rss for node, rss in executor.peak_rss.items()}
     n_merged_jobs = len(merged_jobs)
     if n_merged_jobs and unchanged[0] == n_merged_jobs:
         report.warnings.append(

@@ -142,6 +142,15 @@ class SafetensorsFile:
         self._fd: int | None = None
         self._open_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # sent to other processes (the Ray executor): each opens its own descriptor
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_open_lock")}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._fd = None
+        self._open_lock = threading.Lock()
+
     def keys(self) -> list[str]:
         return list(self._entries)
 

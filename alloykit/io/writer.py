@@ -169,6 +169,36 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+class ShardHandle:
+    """Writes planned tensors into the shard files of a :class:`StreamingWriter`'s temporary
+    folder from any process that sees it (same machine or shared storage). Writes land at fixed
+    offsets, so a job that is retried writes the same bytes again."""
+
+    def __init__(self, folder: Path, slots: dict[str, tuple[str, int, TensorMeta]], out_dir: Path):
+        self.folder, self.slots, self.out_dir = Path(folder), slots, out_dir
+
+    def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None:
+        file, offset, meta = self.slots[name]
+        start = start or 0
+        if tensor.dtype != meta.dtype or start + tensor.numel() > meta.numel:
+            raise RuntimeError(
+                f"tensor {name!r}: got {tensor.dtype}{list(tensor.shape)}, planned {meta.dtype}"
+            )
+        if not tensor.numel():
+            return
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            fd = os.open(self.folder / file, os.O_WRONLY)
+            try:
+                _pwrite_all(fd, memoryview(data), offset + start * meta.dtype.itemsize)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(
+                describe_os_error(e, self.out_dir / file) + f" (while writing {name!r})"
+            ) from None
+
+
 class StreamingWriter:
     """Writes a planned set of tensors into ``out_dir`` atomically. Use as a context manager."""
 
@@ -283,6 +313,18 @@ class StreamingWriter:
                 self._writing -= 1
                 if self._aborted and self._writing == 0:
                     self._close_files()
+
+    def remote(self) -> ShardHandle:
+        """A picklable handle through which jobs in other processes write their tensors into
+        this output's shards, at the planned offsets (``record`` then counts them here)."""
+        return ShardHandle(
+            self.tmp_dir, {n: (s.file, s.offset, s.meta) for n, s in self._slots.items()}, self.out_dir
+        )
+
+    def record(self, name: str, elements: int) -> None:
+        """Count elements of ``name`` that a job wrote through the remote handle."""
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + elements
 
     # -- companions --------------------------------------------------------------------------
     def write_text(self, relative: str, text: str) -> None:

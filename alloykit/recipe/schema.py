@@ -92,6 +92,9 @@ class Recipe(BaseModel):
     alignment: AlignmentOptions | None = None
     # where merged tensors are computed: cpu, cuda, cuda:N, "cuda:0,cuda:1", auto
     device: str | None = None
+    # thread (default) or ray; ray_address: a running cluster (default: a local one)
+    executor: Literal["thread", "ray"] = "thread"
+    ray_address: str | None = None
     # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
     source_format: str = "alloykit"
 
@@ -113,6 +116,8 @@ class Recipe(BaseModel):
         return dict(
             **aligned,
             device=self.device,
+            executor=self.executor,
+            ray_address=self.ray_address,
             models=[m.model for m in self.models],
             statistics=[m.statistics for m in self.models]
             if any(m.statistics for m in self.models)
