@@ -79,8 +79,9 @@ def np_iso_cts(deltas, f, rng=None):
     return np_polar(u_all, rng) @ np.diag(np.full(r, s_all.mean())) @ np_polar(v_all, rng)
 
 
-def task_matrices(shape, n_tasks, seed=0, decay=0.7, scale=0.1):
-    """A base and fine-tunes whose task vectors have distinct, decaying singular values."""
+def task_matrices(shape, n_tasks, seed=0, decay=0.7, scale=0.1, spectrum=None):
+    """A base and fine-tunes whose task vectors have distinct, decaying singular values
+    (``spectrum(r)``: given singular values instead)."""
     g = torch.Generator().manual_seed(seed)
     m, n = shape
     r = min(m, n)
@@ -89,7 +90,11 @@ def task_matrices(shape, n_tasks, seed=0, decay=0.7, scale=0.1):
     for _ in range(n_tasks):
         q1 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
         q2 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
-        sig = scale * decay ** torch.arange(r, dtype=torch.float64) * (1 + 0.1 * torch.rand(r, generator=g))
+        if spectrum is None:
+            jitter = 1 + 0.1 * torch.rand(r, generator=g)
+            sig = scale * decay ** torch.arange(r, dtype=torch.float64) * jitter
+        else:
+            sig = spectrum(r)
         fts.append(base + q1 @ torch.diag(sig) @ q2.T)
     return base.float(), [f.float() for f in fts]
 
@@ -366,18 +371,9 @@ def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(monkeypa
 
 
 def _spectrum_matrices(shape, n_tasks, cond, seed):
-    """Task vectors whose singular values fall geometrically from 1 to 1/cond."""
-    g = torch.Generator().manual_seed(seed)
-    m, n = shape
-    r = min(m, n)
-    base = torch.randn(m, n, generator=g, dtype=torch.float64)
-    fts = []
-    for _ in range(n_tasks):
-        q1 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
-        q2 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
-        sig = 0.05 * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)
-        fts.append(base + q1 @ torch.diag(sig) @ q2.T)
-    return base.float(), [f.float() for f in fts]
+    """Task vectors whose singular values fall geometrically from 0.05 to 0.05/cond."""
+    spectrum = lambda r: 0.05 * torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)  # noqa: E731
+    return task_matrices(shape, n_tasks, seed=seed, spectrum=spectrum)
 
 
 @pytest.mark.parametrize("method", ["iso_c", "tsv_m", "iso_cts"])
