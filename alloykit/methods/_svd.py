@@ -103,16 +103,30 @@ def merge_tensor(
     matrices: str,
     conv: str,
     merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
+    summed: bool = False,
 ) -> torch.Tensor:
     """θ_0 + α · update, with the update chosen by tensor class (see the module docstring).
 
-    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update."""
+    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update;
+    with ``summed`` it is given their sum alone, accumulated one task vector at a time (Iso-C:
+    an embedding-sized matrix then never has T task vectors in memory at once)."""
     wd = work_dtype(base)
     b = base.to(wd)
+    rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
+    if summed and rule != "mean" and base.numel():
+        total, changed = None, False
+        for t in tensors:
+            d = t.to(wd) - b
+            changed = changed or bool(d.any())
+            total = d if total is None else total.add_(d)
+        if not changed:
+            return base.clone()
+        update = merge_matrix([total.reshape(base.shape[0], -1)]).reshape(base.shape)
+        del total
+        return update.mul_(alpha).add_(b).to(base.dtype)
     deltas = [t.to(wd) - b for t in tensors]
     if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
         return base.clone()
-    rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
     if rule == "mean":
         update = torch.stack(deltas).mean(dim=0)
     else:
@@ -362,7 +376,10 @@ def iso_c_matrix(
 
 
 def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_t τ_t in one buffer (no stacked copy), in the reference's order of additions."""
+    """Σ_t τ_t in one buffer (no stacked copy), in the reference's order of additions (one
+    tensor: the sum already, as ``merge_tensor(summed=True)`` gives it)."""
+    if len(deltas) == 1:
+        return deltas[0]
     total = deltas[0].clone()
     for d in deltas[1:]:
         total += d

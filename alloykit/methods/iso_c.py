@@ -77,4 +77,5 @@ def iso_c(
         matrices=matrices,
         conv=conv,
         merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol, top_svd=TopSVD(svd)),
+        summed=True,
     )
