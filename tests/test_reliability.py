@@ -363,7 +363,7 @@ def test_every_method_gives_the_same_bytes_for_any_workers_order_and_rerun(tmp_p
         outs = []
         for i, (workers, shuffled) in enumerate([(1, False), (3, False), (2, True), (3, False)]):
             if shuffled:
-                monkeypatch.setattr(engine_run, "make_executor", lambda w, m: ShuffledExecutor(7))
+                monkeypatch.setattr(engine_run, "make_executor", lambda *a: ShuffledExecutor(7))
             out = tmp_path / f"{name}-{i}"
             merge(models, base, name, out, workers=workers, seed=3, statistics=stats)
             monkeypatch.setattr(engine_run, "make_executor", real_make)
