@@ -93,8 +93,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The same without the provenance's content digest (sha256 of every byte read).
     "linear_nodigest": {"method": "linear", "base": False, "options": {"digest": False}},
     "task_arithmetic": {"method": "task_arithmetic", "base": True},
-    # Paper preset: whole-model top-k (2 radix-select passes) + a model-wide sign pass.
+    # Paper preset: whole-model top-k (2 radix-select passes); the model-wide sign majority is
+    # summed in the merge pass. _approx: the 1-pass bucket-edge threshold.
     "ties_paper": {"method": "ties", "base": True, "preset": "paper"},
+    "ties_approx": {"method": "ties", "base": True, "preset": "paper", "parameters": {"threshold": "approximate"}},
     # mergekit preset: per-tensor exact top-k (argsort). Its default density is 1.0 (no trim at
     # all), so density 0.2 is given to make it trim, like the paper preset's default.
     "ties_mergekit": {"method": "ties", "base": True, "preset": "mergekit", "parameters": {"density": 0.2}},

@@ -92,7 +92,7 @@ def test_cli_dry_run_prints_plan_and_writes_nothing(toy):
     res = runner.invoke(app, ["merge", str(recipe), "-o", str(toy["tmp"] / "out"), "--dry-run", "--json"])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
-    assert plan["reduction_passes"] == 3 and plan["tensors"] == 6
+    assert plan["reduction_passes"] == 2 and plan["tensors"] == 6
     assert plan["bytes_to_write"] == sum(v.numel() * 4 for v in toy["base"].values())
     assert not (toy["tmp"] / "out").exists()
 

@@ -6,6 +6,8 @@ import contextlib
 import functools
 import hashlib
 import math
+import pickle
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ from alloykit.methods.base import TensorContext
 
 class Sink(Protocol):
     def write(self, name: str, tensor: torch.Tensor, start: int | None = None) -> None: ...
+    def patch(self, name: str, start: int | None, index: torch.Tensor, values: torch.Tensor) -> None: ...
 
 
 class DictSink:
@@ -44,6 +47,10 @@ class DictSink:
             if name not in self.tensors:
                 self.tensors[name] = torch.empty(meta.shape, dtype=meta.dtype)
         self.tensors[name].view(-1)[start : start + tensor.numel()] = tensor
+
+    def patch(self, name: str, start: int | None, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Rewrite the entries at flat positions ``index`` of the piece written at ``start``."""
+        self.tensors[name].view(-1)[(start or 0) + index] = values
 
 
 @dataclass
@@ -249,6 +256,7 @@ def _context(
     statistics: tuple[Any, ...] = (),
     notes: list[str] | None = None,
     device: torch.device = CPU,
+    deferred: list | None = None,
 ) -> TensorContext:
     transforms = spec.alignment.entries(job.name) if spec.alignment is not None else ()
     if device != CPU:
@@ -261,7 +269,42 @@ def _context(
         statistics=statistics,
         transforms=transforms,
         notes=notes,
+        deferred=deferred,
     )
+
+
+class _Waiting:
+    """Entries whose value waits for a fused pass's outcome, spooled to an unlinked temporary file
+    (beside the output when the sink has a folder): on a large model they may be millions, and
+    kept in memory they would also pin the workers' heaps."""
+
+    def __init__(self, folder: Any = None):
+        self.folder = folder
+        self.file: Any = None
+        self.entries = 0
+
+    def add(self, name: str, start: int | None, index: torch.Tensor, alternatives: dict) -> None:
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(dir=self.folder)
+        small = index.numel() == 0 or int(index.max()) < 2**31
+        index = index.to(torch.int32 if small else torch.int64).numpy()
+        values = {k: (v.dtype, v.contiguous().view(torch.uint8).numpy()) for k, v in alternatives.items()}
+        pickle.dump((name, start, index, values), self.file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.entries += len(index)
+
+    def replay(self) -> Any:
+        """(name, start, index, {outcome: values}) in the order they were added; closes the file."""
+        if self.file is None:
+            return
+        with self.file:
+            self.file.seek(0)
+            while True:
+                try:
+                    name, start, index, values = pickle.load(self.file)
+                except EOFError:
+                    return
+                alternatives = {k: torch.from_numpy(v).view(dtype) for k, (dtype, v) in values.items()}
+                yield name, start, torch.from_numpy(index).long(), alternatives
 
 
 class _PerDevice:
@@ -299,6 +342,8 @@ class JobOutcome:
     on_host: int = 0
     written: int | None = None  # elements the job wrote into the output itself
     tensor: torch.Tensor | None = None  # a result the driver writes (when the job cannot)
+    # With a fused pass: (partial, flat positions, {outcome: values there in the output dtype}).
+    deferred: list[tuple] = field(default_factory=list)
 
 
 class JobRunner:
@@ -317,8 +362,10 @@ class JobRunner:
         digest: bool,
         threads: int,
         remote: bool,
+        fused: int | None = None,
     ):
         self.plan = plan
+        self.fused = fused  # index of the reduction pass that runs inside the merge pass
         self.devices = list(devices)
         self.device_fallback = device_fallback
         self.digest = digest
@@ -378,10 +425,25 @@ class JobRunner:
                 tensors, base = _inputs(plan, job, check=plan.reduction_passes == 0, digests=digests)
                 stats = _statistics(plan, job, tensors)
 
-                def compute(device: torch.device) -> tuple[torch.Tensor, list[float], float, bool]:
+                def compute(device: torch.device) -> tuple[tuple, list[tuple]]:
                     xs, b0 = to_device((tensors, base), device)
-                    ctx = _context(plan.spec, job, state.on(device), stats, out.notes, device=device)
+                    deferred: list | None = [] if self.fused is not None else None
+                    ctx = _context(
+                        plan.spec, job, state.on(device), stats, out.notes, device=device, deferred=deferred
+                    )
                     merged = method.fn(xs, b0, ctx, **job.params)
+                    waiting = [
+                        (d.partial, d.index, {k: v.to(job.out.dtype) for k, v in d.alternatives.items()})
+                        for d in deferred or []
+                    ]
+                    return _summary(merged, xs, b0, device), waiting
+
+                def _summary(
+                    merged: torch.Tensor,
+                    xs: list[torch.Tensor],
+                    b0: torch.Tensor | None,
+                    device: torch.device,
+                ) -> tuple[torch.Tensor, list[float], float, bool]:
                     expected = job.out.shape if job.length is None else (job.length,)
                     if tuple(merged.shape) != expected:
                         raise RuntimeError(
@@ -401,9 +463,14 @@ class JobRunner:
                     deltas = [float((x.float() - b).square().sum()) for x in xs]
                     return merged.to(job.out.dtype), deltas, float(b.square().sum()), same
 
-                (result, out.deltas, out.base_sq, out.same), out.on_host = self._run_on(
+                ((result, out.deltas, out.base_sq, out.same), out.deferred), out.on_host = self._run_on(
                     job, self.devices[d], compute
                 )
+                if self.fused is not None and len(out.deferred) != 1:
+                    raise RuntimeError(
+                        f"{method.name} reported {len(out.deferred)} shares of its fused pass for "
+                        f"{job.name!r}, expected 1"
+                    )
             if self.remote and self.sink is None:
                 out.tensor = result
             else:
@@ -461,7 +528,11 @@ def run_plan(
     devices = list(devices) or [CPU]
     on_host = [0]  # jobs moved back to the host after running out of device memory
     remote = bool(getattr(executor, "remote", False))
-    runner = JobRunner(plan, sink, devices, device_fallback, digest, threads, remote)
+    fused_pass = getattr(method.reduction, "fused", None)
+    fused = fused_pass(plan.global_params) if fused_pass is not None else None
+    runner = JobRunner(plan, sink, devices, device_fallback, digest, threads, remote, fused)
+    fused_acc: Any = None
+    waiting = _Waiting(getattr(sink, "tmp_dir", None))
     # merged jobs go to devices round-robin in plan order
     placed = [(j, i % len(devices) if j.merge else 0) for i, j in enumerate(merged_jobs)]
     merge_items = []
@@ -494,6 +565,10 @@ def run_plan(
             if digests is not None:
                 for entry in out.digests:
                     digests.put(*entry)
+            for partial, index, alternatives in out.deferred:
+                fused_acc = method.reduction.fold(fused, fused_acc, partial)
+                if alternatives:
+                    waiting.add(out.name, out.start, index, alternatives)
             notes.extend(out.notes)
             on_host[0] += out.on_host
             if progress:
@@ -504,6 +579,13 @@ def run_plan(
             if out.deltas and len(out.deltas) == n_models:
                 for m, v in enumerate(out.deltas):
                     sq_delta[m] += v
+        if fused is not None:
+            # The fused pass's quantity is known now: rewrite the entries that waited for it.
+            state = method.reduction.finish(fused, state, fused_acc, plan.global_params)
+            outcome = method.reduction.resolve(state)
+            for name, start, index, alternatives in waiting.replay():
+                if outcome in alternatives:
+                    sink.patch(name, start, index, alternatives[outcome])
         report.bytes_read += sum(j.read_bytes for j in plan.jobs)
         report.bytes_written = plan.write_bytes
         if digests is not None:

@@ -314,6 +314,31 @@ class StreamingWriter:
                 if self._aborted and self._writing == 0:
                     self._close_files()
 
+    def patch(self, name: str, start: int | None, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Rewrite a few entries of a tensor already written: the flat positions ``index`` of the
+        piece written at ``start`` get ``values``. Read-modify-write of the span they cover."""
+        if not index.numel():
+            return
+        slot = self._slots[name]
+        meta = slot.meta
+        if values.dtype != meta.dtype or values.numel() != index.numel():
+            raise RuntimeError(
+                f"patch of {name!r}: got {values.dtype}[{values.numel()}], planned {meta.dtype}"
+            )
+        positions = index.cpu() + (start or 0)
+        low, high = int(positions.min()), int(positions.max()) + 1
+        size = meta.dtype.itemsize
+        fd = self._fds[slot.file]
+        where = slot.offset + low * size
+        try:
+            span = torch.frombuffer(bytearray(os.pread(fd, (high - low) * size, where)), dtype=meta.dtype)
+            span[positions - low] = values.cpu()
+            _pwrite_all(fd, memoryview(span.view(torch.uint8).numpy()), where)
+        except OSError as e:
+            raise OutputError(
+                describe_os_error(e, self.out_dir / slot.file) + f" (while writing {name!r})"
+            ) from None
+
     def remote(self) -> ShardHandle:
         """A picklable handle through which jobs in other processes write their tensors into
         this output's shards, at the planned offsets (``record`` then counts them here)."""

@@ -141,6 +141,16 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A tensor's share of a whole-model quantity computed in the merge pass, and the entries of
+    its result that wait for it (:meth:`TensorContext.defer`)."""
+
+    partial: Any
+    index: torch.Tensor
+    alternatives: dict[Any, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class TensorContext:
     """What a method may know about the tensor it merges, besides the tensors themselves."""
 
@@ -157,6 +167,19 @@ class TensorContext:
     transforms: tuple[Any, ...] = ()
     # Where ``warn`` collects messages for the merge report (None: they are dropped).
     notes: list[str] | None = None
+    # Set by the engine when the reduction's last pass runs inside the merge pass (see
+    # ``Reduction.fused``): where ``defer`` collects this tensor's share of it.
+    deferred: list[Deferred] | None = None
+
+    def defer(self, partial: Any, index: torch.Tensor, alternatives: dict[Any, torch.Tensor]) -> None:
+        """Hand the engine this tensor's ``partial`` of a whole-model quantity that the merge pass
+        itself computes, and the entries of the result that depend on it: at the flat positions
+        ``index`` the returned result holds the values for one outcome, ``alternatives[k]`` the
+        values for outcome ``k``. Once every tensor is merged, the engine folds the partials,
+        resolves the outcome and rewrites those entries if it is one of the alternatives."""
+        if self.deferred is None:
+            raise RuntimeError(f"{self.name!r}: the engine did not ask for a fused pass")
+        self.deferred.append(Deferred(partial, index, alternatives))
 
     def warn(self, message: str) -> None:
         """A remark for the merge report (e.g. a rank above what the data supports)."""
@@ -191,6 +214,11 @@ class Reduction(Protocol):
     ) -> Any: ...
     def fold(self, index: int, acc: Any, partial: Any) -> Any: ...
     def finish(self, index: int, state: Any, acc: Any, params: dict[str, Any]) -> Any: ...
+
+    # Optional: ``fused(params) -> int | None``, the index of a last pass that runs inside the merge
+    # pass instead of before it (one read of every input saved). The method then reports each
+    # tensor's partial through ``ctx.defer``; the engine folds them as for any pass, calls
+    # ``finish`` and then ``resolve(state)`` for the outcome that picks the deferred entries.
 
     # Optional: ``model_wide(params) -> {parameter: hint}`` names the parameters that ``finish``
     # reads once for the whole model with these settings. The planner refuses a per-tensor

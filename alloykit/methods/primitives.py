@@ -123,6 +123,7 @@ def elect_and_combine(
     zero_sign: float = 1.0,
     aggregate: str = "sum",
     raw: torch.Tensor | None = None,
+    record: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Σ over tasks of weighted deltas, optionally restricted to those agreeing with an elected sign.
 
@@ -135,6 +136,9 @@ def elect_and_combine(
       of Σ_t sign(w_tδ_t) (``count``); γ = 0 becomes ``zero_sign``. Keep entries with
       sign(w_tδ_t) = γ (zeros never agree). ``sum`` → Σ kept; ``weighted_mean`` → Σ kept /
       Σ w of kept (0 → 1, mergekit); ``mean`` → Σ kept / number kept (TIES "disjoint mean").
+
+    ``record`` (with a consensus) receives ``total``, the sum whose sign is γ before the zero
+    rule, and ``kept``, the number of tasks kept per entry.
     """
     if consensus is None:
         mixed = deltas.sum(dim=0)
@@ -159,13 +163,16 @@ def elect_and_combine(
     elected += (1 - elected.abs()) * zero_sign
     mask = (signs * elected).clamp_(min=0)
     mixed = (deltas * mask).sum(dim=0)
+    kept = mask.sum(dim=0) if aggregate == "mean" or record is not None else None
     if aggregate == "weighted_mean":
         divisor = (weights * mask).sum(dim=0)
         mixed /= torch.where(divisor == 0, 1.0, divisor)
     elif aggregate == "mean":
-        mixed /= mask.sum(dim=0).clamp(min=1)
+        mixed /= kept.clamp(min=1)
     elif aggregate != "sum":
         raise ValueError(f"unknown aggregate {aggregate!r}")
+    if record is not None:
+        record.update(total=total, kept=kept)
     return mixed
 
 
@@ -206,6 +213,10 @@ class ModelTopK:
     * ``elected_sign(tensors, base, state, params)``: for methods that elect signs and want the
       TIES reference code's model-wide fallback for a zero elected sign; adds one pass that sums
       the elected signs over the model (``state["majority_sign"]``).
+    * ``fuse_sign``: that sum is taken in the merge pass instead (``fused``): the method merges
+      with the fallback +1, reports its sum of elected signs and the entries whose elected sum is
+      exactly 0 through ``ctx.defer``, with their values for the fallback −1; the engine rewrites
+      those few entries if the majority turns out ≤ 0. One read of every input less.
     * ``wide``: {parameter: hint} read once per model by ``rank`` (default: ``density``); a
       per-tensor value for them is refused by the planner (see :meth:`model_wide`).
     """
@@ -218,8 +229,10 @@ class ModelTopK:
         approximate: Any = None,
         l1: bool = False,
         wide: dict[str, str] | None = None,
+        fuse_sign: bool = False,
     ):
         self.elected_sign = elected_sign
+        self.fuse_sign = fuse_sign
         self.rank = rank
         self.active = active or (lambda p: p.get("topk") == "model")
         self.approximate = approximate or (lambda p: False)
@@ -234,9 +247,23 @@ class ModelTopK:
             return 0
         return 1 if self.approximate(params) else 2
 
+    def _sign_pass(self, params: dict[str, Any]) -> bool:
+        return bool(self.elected_sign) and params.get("zero_sign") == "model_majority"
+
     def passes(self, params: dict[str, Any]) -> int:
-        extra = 1 if self.elected_sign and params.get("zero_sign") == "model_majority" else 0
+        extra = 1 if self._sign_pass(params) and not self.fuse_sign else 0
         return self._threshold_passes(params) + extra
+
+    def fused(self, params: dict[str, Any]) -> int | None:
+        """Index of the sign pass when it runs inside the merge pass, else None."""
+        return self._threshold_passes(params) if self._sign_pass(params) and self.fuse_sign else None
+
+    @staticmethod
+    def resolve(state: dict[str, Any]) -> float:
+        """The fallback sign for a zero elected sum: the model majority; where that is 0 too, the
+        reference code's where(γ > 0, τ > 0, τ < 0) keeps the negative entries, i.e. −1."""
+        majority = state["majority_sign"]
+        return majority if majority != 0 else -1.0
 
     def _histograms(self, keys: torch.Tensor, mags: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
         out = {"count": torch.bincount(keys, minlength=size)}
@@ -267,7 +294,10 @@ class ModelTopK:
             inside = (
                 (bits >> 16) == bucket if bucket is not None else torch.zeros_like(bits, dtype=torch.bool)
             )
-            rows.append(self._histograms(bits[inside] & 0xFFFF, mags[inside], 1 << 16))
+            keep = inside.nonzero().squeeze(1)  # few entries: gather them once
+            rows.append(
+                self._histograms(bits.take(keep) & 0xFFFF, mags.take(keep) if self.l1 else mags, 1 << 16)
+            )
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     def fold(self, index: int, acc: Any, partial: Any) -> Any:

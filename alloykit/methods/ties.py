@@ -21,6 +21,15 @@ from alloykit.methods.primitives import (
 )
 
 
+def _elected_sign(raw: torch.Tensor, weighted: torch.Tensor, sign: str) -> torch.Tensor:
+    """γ before the zero fallback: sign(Σ τ̂_t), sign(Σ sign(w_t τ̂_t)) or sign(Σ w_t τ̂_t)."""
+    if sign == "sum":
+        return raw.sum(dim=0).sign()
+    if sign == "count":
+        return weighted.sign().sum(dim=0).sign()
+    return weighted.sum(dim=0).sign()
+
+
 def _elected(
     tensors: list[torch.Tensor], base: torch.Tensor, state: Any, params: dict[str, Any]
 ) -> torch.Tensor:
@@ -35,12 +44,55 @@ def _elected(
         params["topk_rule"],
         params["rescale"],
     )
-    weighted = raw * stack_weights(params["weight"], raw)
-    if params["sign"] == "sum":
-        return raw.sum(dim=0).sign()
-    if params["sign"] == "count":
-        return weighted.sign().sum(dim=0).sign()
-    return weighted.sum(dim=0).sign()
+    return _elected_sign(raw, raw * stack_weights(params["weight"], raw), params["sign"])
+
+
+def _defer_zero_sums(
+    ctx: TensorContext,
+    record: dict[str, torch.Tensor],
+    raw: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: list[float],
+    base: torch.Tensor,
+    sign: str,
+    aggregate: str,
+    lambda_: float,
+) -> None:
+    """The sign pass fused into the merge pass (``ModelTopK(fuse_sign=True)``): this tensor's sum
+    of elected signs, and, for the entries whose elected sum is exactly 0 while some w_t τ̂_t is
+    not, their merged values under the fallback −1 (the result holds them under +1). Elsewhere the
+    fallback changes nothing, so the engine's patch gives the bytes of the separate pass.
+
+    ``record``: the election's sum and kept counts (:func:`elect_and_combine`). With every weight
+    > 0, a zero sum of nonzero entries has entries of both signs under every sign rule, so the
+    entries that matter are those where the +1 fallback kept some task."""
+    elected = record["total"].sign()
+    zero = elected == 0
+    if all(w > 0 for w in weights):
+        undecided = zero & (record["kept"] > 0)
+    else:
+        undecided = zero & (deltas != 0).any(dim=0)
+    index = undecided.reshape(-1).nonzero().squeeze(1)
+    alternatives = {}
+    if index.numel():
+        n = len(raw)
+        sub = deltas.reshape(n, -1)[:, index]
+        sub_raw = raw.reshape(n, -1)[:, index]
+        w = torch.tensor(weights, dtype=sub.dtype, device=sub.device).reshape(n, 1)
+        alt = elect_and_combine(
+            sub, w, consensus="sign", sign=sign, zero_sign=-1.0, aggregate=aggregate, raw=sub_raw
+        )
+        if lambda_ != 1:
+            alt *= lambda_
+        alternatives[-1.0] = base.reshape(-1)[index] + alt
+    ctx.defer(elected.sum().to(torch.float64), index, alternatives)
+
+
+def _ignored(params: dict[str, Any]) -> dict[str, str]:
+    out = topk_rule_ignored(params)
+    if params["topk"] != "model" and params["threshold"] != "exact":
+        out["threshold"] = "only the whole-model trim (topk: model) has an approximate threshold"
+    return out
 
 
 PAPER = {}  # the declared defaults are the reference code's
@@ -97,6 +149,14 @@ MERGEKIT = {
             help="disjoint mean (paper), Σ w τ̂ / Σ w over agreeing (mergekit), or sum",
         ),
         Param(
+            "threshold",
+            str,
+            "exact",
+            choices=("exact", "approximate"),
+            help="whole-model trim threshold: exact kthvalue (2 passes) or the lower edge of its "
+            "histogram bucket (1 pass; keeps the entries within 2⁻⁷ below the exact threshold too)",
+        ),
+        Param(
             "rescale",
             str,
             "none",
@@ -107,10 +167,12 @@ MERGEKIT = {
     needs_base=True,
     presets={"paper": PAPER, "mergekit": MERGEKIT},
     default_preset="paper",
-    reduction=ModelTopK(elected_sign=_elected),
+    reduction=ModelTopK(
+        elected_sign=_elected, fuse_sign=True, approximate=lambda p: p["threshold"] == "approximate"
+    ),
     memory_factor=4.0,
     elementwise=trims_elementwise,
-    ignores=topk_rule_ignored,
+    ignores=_ignored,
 )
 def ties(
     tensors: list[torch.Tensor],
@@ -125,6 +187,7 @@ def ties(
     sign: str,
     zero_sign: str,
     aggregate: str,
+    threshold: str,
     rescale: str,
 ) -> torch.Tensor:
     """θ = θ_0 + λ · merge_t(trim(τ_t)) (Yadav et al. 2023, "TIES-Merging", NeurIPS).
@@ -143,20 +206,39 @@ def ties(
     validation data; the default is 1.0. Weights multiply τ̂_t before election in every preset
     (with unit weights, as in the paper, this changes nothing). ``topk_rule`` is ignored when
     ``topk="model"`` (the whole-model threshold always follows the reference code).
+
+    Streaming: the whole-model threshold takes two reading passes (exact radix selection, see
+    :class:`ModelTopK`), or one with ``threshold="approximate"`` (the threshold t̃ is the lower edge
+    of the 2⁻⁷-wide bucket holding the exact t, so entries with t̃ ≤ |τ| < t are kept too). The
+    model-majority fallback's sign sum is taken in the merge pass itself; entries whose elected
+    sum is exactly 0 are rewritten once it is known (the same bytes as a separate pass).
     """
     raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
     w = stack_weights(weight, raw)
     deltas = raw if all(x == 1 for x in weight) else raw * w  # (× 1 is exact: skip the copy)
-    if zero_sign == "positive":
+    # The model majority may still be unknown: the engine then sums it in this pass (see
+    # _defer_zero_sums) and we merge with +1 meanwhile.
+    pending = zero_sign == "model_majority" and "majority_sign" not in (ctx.stats or {})
+    if zero_sign == "positive" or pending:
         fallback = 1.0
     else:
         majority = ctx.stats["majority_sign"]
         # Reference code: a zero elected sign takes the model majority; if that is 0 too, its
         # where(γ > 0, τ > 0, τ < 0) keeps the negative entries, i.e. behaves as γ = −1.
         fallback = majority if majority != 0 else -1.0
+    record: dict[str, torch.Tensor] | None = {} if pending else None
     mixed = elect_and_combine(
-        deltas, w, consensus="sign", sign=sign, zero_sign=fallback, aggregate=aggregate, raw=raw
+        deltas,
+        w,
+        consensus="sign",
+        sign=sign,
+        zero_sign=fallback,
+        aggregate=aggregate,
+        raw=raw,
+        record=record,
     )
     if lambda_ != 1:
         mixed *= lambda_
+    if record is not None:
+        _defer_zero_sums(ctx, record, raw, deltas, weight, base, sign, aggregate, lambda_)
     return base + mixed
