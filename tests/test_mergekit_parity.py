@@ -338,16 +338,17 @@ def test_dare_random_drop_is_deterministic(method: str, models: dict[str, str]) 
 # ----------------------------------------------------------------------------- unsupported
 
 
-def test_slices_are_refused(models: dict[str, str]) -> None:
+def test_slices_that_drop_layers_are_refused(models: dict[str, str]) -> None:
+    # slices: over whole models are read (tests/test_mergekit_slices.py); these keep one layer of two
     data = {
         "merge_method": "linear",
         "slices": [{"sources": [
-            {"model": models["ft_a"], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
-            {"model": models["ft_b"], "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+            {"model": models["ft_a"], "layer_range": [0, 1], "parameters": {"weight": 0.5}},
+            {"model": models["ft_b"], "layer_range": [0, 1], "parameters": {"weight": 0.5}},
         ]}],
     }
     MergeConfiguration.model_validate(copy.deepcopy(data))  # valid for mergekit
-    with pytest.raises(RecipeError, match=r"slices"):
+    with pytest.raises(RecipeError, match=r"slices cover layers 0–1 but ft_a has 2 layers"):
         recipe_from_dict(data)
 
 

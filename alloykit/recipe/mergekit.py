@@ -98,11 +98,13 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     unknown = set(data) - _TOP_LEVEL
     if unknown:
         raise RecipeError(f"mergekit recipe: unknown keys {sorted(unknown)}")
-    for key in ("slices", "modules"):
-        if key in data:
-            raise RecipeError(
-                f"mergekit recipe: '{key}:' (layer-range merges) is not supported yet; use 'models:'"
-            )
+    if "modules" in data:
+        raise RecipeError("mergekit recipe: 'modules:' (multi-module merges) is not supported yet")
+    slice_layers = None
+    if "slices" in data:
+        from alloykit.recipe.mergekit_slices import slices_to_models
+
+        data, slice_layers = slices_to_models(data)
     if data.get("tokenizer") is not None or data.get("chat_template") is not None:
         raise RecipeError(
             "mergekit recipe: 'tokenizer:' and 'chat_template:' are not supported "
@@ -142,4 +144,5 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         "dtype": dtype,
         "out_dtype": data.get("out_dtype") or (None if dtype == "auto" else dtype),
         "source_format": "mergekit",
+        **({"slice_layers": slice_layers} if slice_layers is not None else {}),
     }

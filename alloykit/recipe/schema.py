@@ -97,6 +97,8 @@ class Recipe(BaseModel):
     ray_address: str | None = None
     # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
     source_format: str = "alloykit"
+    # A mergekit slices: recipe read as models: covered this many layers (checked on loading).
+    slice_layers: int | None = None
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`alloykit.merge` (besides output and run options)."""
@@ -174,12 +176,29 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
         m.model = _resolve_path(m.model, folder)
         m.statistics = _resolve_path(m.statistics, folder)
     recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
+    if recipe.slice_layers is not None:
+        _check_slices(recipe)
     if recipe.alignment is not None:
         recipe.alignment.groups = _resolve_path(recipe.alignment.groups, folder)
         data = recipe.alignment.data
         if data is not None and data.endswith(".safetensors"):
             recipe.alignment.data = _resolve_path(data, folder)
     return recipe
+
+
+def _check_slices(recipe: Recipe) -> None:
+    """Every checkpoint of a slices: recipe has the layers its slices cover (adapters: their base)."""
+    from alloykit.io.lora import is_adapter
+    from alloykit.io.readers import open_checkpoint
+    from alloykit.recipe.mergekit_slices import check_layer_ranges
+
+    found = []
+    for path in [m.model for m in recipe.models] + ([recipe.base_model] if recipe.base_model else []):
+        on = path.rsplit("+", 1)[0] if "+" in path and not Path(path).exists() else path
+        if is_adapter(on):
+            continue
+        found.append((on, open_checkpoint(on, on).keys()))
+    check_layer_ranges(found, recipe.slice_layers)
 
 
 def load_recipe(path: str | Path) -> Recipe:
