@@ -247,6 +247,7 @@ def merge(
         "source_format": r.source_format,
         "tensors": len(plan.outputs),
         "merged": len(plan.merged_names),
+        "skipped": len(plan.skipped),
         "jobs": len(plan.jobs),
         "reduction_passes": plan.reduction_passes,
         "bytes_to_read": plan.read_bytes,
@@ -255,7 +256,8 @@ def merge(
         "warnings": plan.warnings + (result.report.warnings if result.report else []),
     }
     if result.report is not None:
-        summary.update({"output": str(result.output), **result.report.as_dict()})
+        warned = summary["warnings"]  # (the report's own "warnings" must not replace the plan's)
+        summary.update({"output": str(result.output), **result.report.as_dict(), "warnings": warned})
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return
@@ -264,7 +266,12 @@ def merge(
         "method",
         f"{summary['method']} (preset {summary['preset']}, {summary['source_format']} recipe)",
     )
-    t.add_row("tensors", f"{summary['tensors']} ({summary['merged']} merged, the rest copied)")
+    copied = summary["tensors"] - summary["merged"]
+    t.add_row(
+        "tensors",
+        f"{summary['tensors']} written: {summary['merged']} merged, {copied} copied; "
+        f"{summary['skipped']} held by an input left out",
+    )
     t.add_row("reduction passes", str(plan.reduction_passes))
     t.add_row("to read / write", f"{_gib(plan.read_bytes)} / {_gib(plan.write_bytes)}")
     t.add_row("estimated working memory", _gib(est))

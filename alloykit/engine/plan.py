@@ -75,6 +75,8 @@ class MergePlan:
     reduction_passes: int
     global_params: dict[str, Any]
     warnings: list[str]
+    # tensors some input holds that the output does not (keys union/intersection; always warned)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[TensorMeta]:
@@ -217,6 +219,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             )
     else:
         raise ParameterError(f"keys={spec.keys!r} is not allowed; expected strict, union or intersection")
+    skipped = sorted(set.union(*key_sets) - names, key=_natural_key)
     ordered = sorted(names, key=_natural_key)
     depth = _layer_position(ordered)
 
@@ -335,7 +338,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         for pname, why in method.ignores(global_resolved).items():
             if pname in given:
                 warnings.append(f"{method.name}: parameter {pname!r} has no effect: {why}")
-    return MergePlan(spec, jobs, passes, global_resolved, warnings)
+    return MergePlan(spec, jobs, passes, global_resolved, warnings, skipped)
 
 
 def check_statistics(spec: MergeSpec, readers: list[CheckpointReader], key_sets: list[set[str]]) -> None:
