@@ -227,6 +227,7 @@ def merge(
     device_fallback: bool = False,
     executor: str = "thread",
     ray_address: str | None = None,
+    notes: Sequence[str] = (),
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -238,6 +239,7 @@ def merge(
     ``threads``: intra-op threads per job; the bytes written depend on it, not on ``workers``.
     ``digest``: record a content digest of every input's tensor bytes in the provenance.
     ``protect``: more paths the output must not overwrite or contain (the recipe file).
+    ``notes``: warnings from reading the recipe, reported with the plan's.
     ``statistics``: per model, its calibration statistics (a file from ``alloykit calibrate``,
     a :class:`~alloykit.calibration.Statistics`, or a dict ``{tensor: {"gram": G, "tokens": N}}``
     / ``{tensor: X}`` of raw layer inputs), for methods that read them (ESM, RegMean, Fisher).
@@ -319,7 +321,7 @@ def merge(
         alignment = _Unaligned(len(spec.models))
     spec.alignment = alignment
     plan = plan_merge(spec)
-    plan.warnings[:0] = input_warnings
+    plan.warnings[:0] = [*notes, *input_warnings]  # notes: from reading the recipe
     result = MergeResult(plan=plan)
     max_bytes = parse_size(max_memory) if max_memory is not None else None
     check_memory_budget(plan, max_bytes)

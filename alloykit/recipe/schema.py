@@ -99,6 +99,8 @@ class Recipe(BaseModel):
     source_format: str = "alloykit"
     # A mergekit slices: recipe read as models: covered this many layers (checked on loading).
     slice_layers: int | None = None
+    # Warnings from reading the recipe (e.g. mergekit parameters the method does not use).
+    notes: list[str] = Field(default_factory=list)
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`alloykit.merge` (besides output and run options)."""
@@ -137,7 +139,33 @@ class Recipe(BaseModel):
             exclude=self.exclude,
             shard_size=self.output.shard_size,
             copy_files_from=self.output.copy_files_from,
+            notes=list(self.notes),
         )
+
+
+def _drop_unused_parameters(data: dict[str, Any]) -> list[str]:
+    """mergekit ignores parameters its method does not read (shared recipes often carry e.g.
+    ``density`` on ``linear``): drop them from a translated mergekit recipe with a warning each.
+    alloykit's own recipes stay strict (an unknown parameter is an error there)."""
+    from alloykit.methods import REGISTRY
+
+    method = REGISTRY.get(data.get("method"))
+    if method is None:
+        return []  # the unknown method is reported by the translation or the merge
+    used = {p.name for p in method.params}
+    notes = []
+    settings = [("parameters", data.get("parameters"))]
+    settings += [
+        (f"models[{i}].parameters", m.get("parameters")) for i, m in enumerate(data.get("models") or [])
+    ]
+    for where, params in settings:
+        for key in sorted(set(params or {}) - used):
+            del params[key]
+            notes.append(
+                f"mergekit recipe: {where}: {key!r} is not a parameter of {method.name}; "
+                "ignored, as mergekit does"
+            )
+    return notes
 
 
 def _format_errors(e: ValidationError) -> str:
@@ -167,6 +195,7 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
         from alloykit.recipe.mergekit import translate_mergekit
 
         data = translate_mergekit(data)
+        data["notes"] = [*data.get("notes", []), *_drop_unused_parameters(data)]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
