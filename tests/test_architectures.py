@@ -172,3 +172,28 @@ def test_a_skipped_tensor_is_counted_and_named(tmp_path: Path) -> None:
     assert len(left_out) == 1 and "extra_head.weight" in left_out[0], summary["warnings"]
     res = runner.invoke(app, [*args, "-o", str(tmp_path / "out2")], env={"COLUMNS": "200"})
     assert "1 held by an input left out" in res.output
+
+
+def test_vocabularies_that_differ_say_what_to_do_and_excluding_the_embeddings_merges(tmp_path: Path) -> None:
+    base, fts, cls = _family(_llama, tmp_path)
+    grown = cls.from_pretrained(fts[1])
+    grown.resize_token_embeddings(98)  # a fine-tune that added two tokens
+    grown.save_pretrained(fts[1])
+    res = runner.invoke(app, ["merge", _recipe(tmp_path, base, fts), "-o", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    text = " ".join(res.output.split())
+    assert (
+        "'lm_head.weight' has different shapes" in text or "'model.embed_tokens.weight' has different" in text
+    )
+    assert "vocabularies differ (96 vs 98 tokens)" in text and "exclude: [embed, lm_head]" in text
+    recipe = _recipe(tmp_path, base, fts, exclude=["embed", "lm_head"])
+    res = runner.invoke(app, ["merge", recipe, "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (
+        sum("shapes differ between models; excluded, so copied from" in w for w in summary["warnings"]) == 2
+    )
+    merged, b = _weights(tmp_path / "out"), _weights(base)
+    assert torch.equal(merged["lm_head.weight"], b["lm_head.weight"])
+    assert torch.equal(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    cls.from_pretrained(tmp_path / "out")

@@ -167,6 +167,24 @@ def _describe_missing(
     return "\n".join(lines)
 
 
+_VOCABULARY = re.compile(r"embed|lm_head|wte|word_embeddings|(^|\.)output\.weight$")
+
+
+def _different_shapes(name: str, metas: dict[int, TensorMeta], readers: list[CheckpointReader]) -> str:
+    listing = ", ".join(f"{readers[i].label}: {list(m.shape)}" for i, m in metas.items())
+    message = f"tensor {name!r} has different shapes across models ({listing})"
+    rows = {m.shape[0] for m in metas.values() if m.shape}
+    rest = {m.shape[1:] for m in metas.values()}
+    if _VOCABULARY.search(name) and len(rows) > 1 and len(rest) == 1:
+        message += (
+            f": the models' vocabularies differ ({' vs '.join(str(r) for r in sorted(rows))} tokens). "
+            "alloykit does not map tokens between vocabularies yet (mergekit's tokenizer_source: union); "
+            "merge models that share a tokenizer, or exclude the embedding and head tensors (recipe "
+            "exclude: [embed, lm_head]) to take them from the base, whose tokenizer is copied"
+        )
+    return message
+
+
 def plan_merge(spec: MergeSpec) -> MergePlan:
     method = spec.method
     n = len(spec.models)
@@ -244,15 +262,21 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         holders = [i for i in range(len(readers)) if name in key_sets[i]]
         metas = {i: readers[i].meta(name) for i in holders}
         shapes = {m.shape for m in metas.values()}
-        if len(shapes) > 1:
-            listing = ", ".join(f"{readers[i].label}: {list(m.shape)}" for i, m in metas.items())
-            raise MismatchError(f"tensor {name!r} has different shapes across models ({listing})")
-        sources = [i for i in holders if i != base_index]
-        src_meta = metas[base_index] if base_index in metas else metas[holders[0]]
-        floating = all(m.dtype.is_floating_point for m in metas.values())
         wanted = (not include or any(p.search(name) for p in include)) and not any(
             p.search(name) for p in exclude
         )
+        if len(shapes) > 1:
+            if wanted:
+                raise MismatchError(_different_shapes(name, metas, readers))
+            # excluded: taken from the reference (the base, else the first model) alone
+            ref = base_index if base_index in metas else holders[0]
+            warnings.append(
+                f"{name}: shapes differ between models; excluded, so copied from {readers[ref].label}"
+            )
+            holders, metas = [ref], {ref: metas[ref]}
+        sources = [i for i in holders if i != base_index]
+        src_meta = metas[base_index] if base_index in metas else metas[holders[0]]
+        floating = all(m.dtype.is_floating_point for m in metas.values())
         merge = floating and wanted and bool(sources) and (not method.needs_base or base_index in metas)
         if floating and wanted and sources and not merge:
             warnings.append(f"{name}: not in the base model, copied from {readers[sources[0]].label}")
