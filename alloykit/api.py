@@ -228,6 +228,7 @@ def merge(
     executor: str = "thread",
     ray_address: str | None = None,
     notes: Sequence[str] = (),
+    chat_template: str | None = None,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -240,6 +241,8 @@ def merge(
     ``digest``: record a content digest of every input's tensor bytes in the provenance.
     ``protect``: more paths the output must not overwrite or contain (the recipe file).
     ``notes``: warnings from reading the recipe, reported with the plan's.
+    ``chat_template``: the output's chat template: ``auto`` (the one most input models carry), a
+    name (chatml, llama3, alpaca, mistral) or a Jinja template (:mod:`alloykit.io.chat_template`).
     ``statistics``: per model, its calibration statistics (a file from ``alloykit calibrate``,
     a :class:`~alloykit.calibration.Statistics`, or a dict ``{tensor: {"gram": G, "tokens": N}}``
     / ``{tensor: X}`` of raw layer inputs), for methods that read them (ESM, RegMean, Fisher).
@@ -296,6 +299,12 @@ def merge(
     )
     if post not in ("none", "bn_reset", "repair"):
         raise ParameterError(f"post = {post!r} is not allowed; expected none, bn_reset or repair")
+    chat = None
+    if chat_template is not None:
+        from alloykit.io.chat_template import resolve_chat_template
+
+        inputs = ([spec.base] if spec.base is not None else []) + list(spec.models)
+        chat = resolve_chat_template(chat_template, [r.folder for r in inputs])
     template, batches = None, []
     if spec.method.alignment is not None and alignment is None and not dry_run:
         alignment, template, batches = _align(
@@ -381,17 +390,26 @@ def merge(
         result.report = run_plan(plan, writer, **run)
         result.report.warnings += _same_content_warnings(spec, result.report)
         result.provenance = provenance(plan, result.report, started, recipe)
-        _write_records(writer, result, spec, recipe, companion)
+        _write_records(writer, result, spec, recipe, companion, chat)
         result.output = writer.commit()
     return result
 
 
-def _write_records(writer: StreamingWriter, result: MergeResult, spec: MergeSpec, recipe, companion) -> None:
+def _write_records(
+    writer: StreamingWriter, result: MergeResult, spec: MergeSpec, recipe, companion, chat: str | None = None
+) -> None:
     """Beside the tensors: the base's config and tokenizer files, the provenance, the recipe and a
     model card (README.md) that says how the model was made."""
     from alloykit.io.model_card import model_card
 
     copied = writer.copy_companions(companion, spec.out_dtype)
+    layout = getattr(spec.base if spec.base is not None else spec.models[0], "config_updates", None)
+    if layout and "config.json" in copied:  # a layer stack: its number of layers
+        writer.update_json("config.json", layout)
+    if chat is not None:
+        from alloykit.io.chat_template import write_chat_template
+
+        write_chat_template(writer.tmp_dir, chat)
     writer.write_text("alloykit_provenance.json", json.dumps(result.provenance, indent=2, default=str) + "\n")
     used = recipe if recipe is not None else result.provenance["recipe"]
     writer.write_text("alloykit_recipe.yml", yaml.safe_dump(used, sort_keys=False))

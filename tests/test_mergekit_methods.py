@@ -531,8 +531,8 @@ def test_mergekit_recipes_translate(name, params, expected):
 def test_mergekit_methods_still_unsupported_are_refused():
     from alloykit.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"mergekit method 'nuslerp' is not supported yet.*model_stock"):
-        recipe_from_dict(_mk("nuslerp"))
+    with pytest.raises(RecipeError, match=r"mergekit method 'frankenmerge' is not supported yet.*nuslerp"):
+        recipe_from_dict(_mk("frankenmerge"))
 
 
 @pytest.mark.parametrize("preset", ["paper", "mergekit"])

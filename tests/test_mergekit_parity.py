@@ -338,8 +338,9 @@ def test_dare_random_drop_is_deterministic(method: str, models: dict[str, str]) 
 # ----------------------------------------------------------------------------- unsupported
 
 
-def test_slices_that_drop_layers_are_refused(models: dict[str, str]) -> None:
-    # slices: over whole models are read (tests/test_mergekit_slices.py); these keep one layer of two
+def test_slices_that_drop_layers_become_a_layer_stack(models: dict[str, str]) -> None:
+    # slices: over whole models are a plain merge, over part of them a layer stack
+    # (tests/test_mergekit_slices.py compares both with mergekit)
     data = {
         "merge_method": "linear",
         "slices": [{"sources": [
@@ -348,18 +349,18 @@ def test_slices_that_drop_layers_are_refused(models: dict[str, str]) -> None:
         ]}],
     }
     MergeConfiguration.model_validate(copy.deepcopy(data))  # valid for mergekit
-    with pytest.raises(RecipeError, match=r"slices cover layers 0–1 but ft_a has 2 layers"):
-        recipe_from_dict(data)
+    recipe = recipe_from_dict(data)
+    assert recipe.layer_stack == {"positions": [[[models["ft_a"], 0, 1]], [[models["ft_b"], 0, 1]]], "base": None}
 
 
 def test_unsupported_mergekit_method_is_refused(models: dict[str, str]) -> None:
     data = {
-        "merge_method": "nuslerp",
+        "merge_method": "frankenmerge",  # every method of mergekit 0.1.5 is supported now
         "models": [{"model": models["ft_a"], "parameters": {"weight": 0.5}},
                    {"model": models["ft_b"], "parameters": {"weight": 0.5}}],
     }
-    MergeConfiguration.model_validate(copy.deepcopy(data))  # mergekit itself accepts it
-    with pytest.raises(RecipeError, match=r"mergekit method 'nuslerp' is not supported yet"):
+    MergeConfiguration.model_validate(copy.deepcopy(data))  # mergekit's config parses it too
+    with pytest.raises(RecipeError, match=r"mergekit method 'frankenmerge' is not supported yet.*nuslerp"):
         recipe_from_dict(data)
 
 

@@ -1,5 +1,6 @@
-"""mergekit ``slices:`` recipes that merge whole models: the same tensors as mergekit 0.1.5, bit
-for bit; slices that stack, drop or reorder layers are refused with a message."""
+"""mergekit ``slices:`` recipes, merges of whole models and layer stacks (frankenmerges): the
+same tensors and number of layers as mergekit 0.1.5, bit for bit; what alloykit cannot stack is
+refused with a message."""
 
 from __future__ import annotations
 
@@ -100,21 +101,76 @@ def _refused(data: dict[str, Any], match: str) -> None:
         recipe_from_dict(data)
 
 
-def test_slices_that_are_not_a_plain_merge_are_refused(models: dict[str, str]) -> None:  # noqa: F811
+def _stacks(p: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {
+        # layer stacking: all of A, then A's last layer again from B (3 layers from models of 2)
+        "passthrough-stack": {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [_src(p["ft_a"], [0, 2])]}, {"sources": [_src(p["ft_b"], [1, 2])]}],
+            "dtype": "bfloat16",
+        },
+        # one layer of each, averaged: sources that take different layers
+        "linear-crossed": {
+            "merge_method": "linear",
+            "slices": [
+                {"sources": [_src(p["ft_a"], [0, 1], weight=0.3), _src(p["ft_b"], [1, 2], weight=0.7)]}
+            ],
+            "dtype": "float32",
+        },
+        # a task-vector method over stacks: the base's layers follow the slices too
+        "task-arithmetic-stack": {
+            "merge_method": "task_arithmetic",
+            "base_model": p["base"],
+            "slices": [
+                {"sources": [_src(p["base"], [0, 2]), _src(p["ft_a"], [0, 2], weight=0.5)]},
+                {"sources": [_src(p["base"], [1, 2]), _src(p["ft_b"], [1, 2], weight=0.5)]},
+            ],
+            "dtype": "float32",
+        },
+        # the first layer only, of both models
+        "slerp-first-layer": {
+            "merge_method": "slerp",
+            "base_model": p["base"],
+            "slices": [{"sources": [_src(p["base"], [0, 1]), _src(p["ft_b"], [0, 1])]}],
+            "parameters": {"t": 0.4},
+            "dtype": "float32",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["passthrough-stack", "linear-crossed", "task-arithmetic-stack", "slerp-first-layer"]
+)
+def test_layer_stacks_give_mergekits_model(case: str, models: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    data = _stacks(models)[case]
+    theirs = load_folder(run_mergekit(data, tmp_path / "mergekit"))
+    ours = load_folder(run_alloykit(data, tmp_path / "alloykit", workers=1))
+    assert_same_tensors(ours, theirs)
+    layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("model.layers."))
+    expected = {
+        "passthrough-stack": 3,
+        "linear-crossed": 1,
+        "task-arithmetic-stack": 3,
+        "slerp-first-layer": 1,
+    }
+    assert layers == expected[case]
+    assert AutoConfig.from_pretrained(tmp_path / "alloykit").num_hidden_layers == layers
+    assert AutoConfig.from_pretrained(tmp_path / "mergekit").num_hidden_layers == layers
+    LlamaForCausalLM.from_pretrained(tmp_path / "alloykit")  # loads: every tensor in place
+
+
+def test_slices_that_alloykit_cannot_stack_are_refused(models: dict[str, str]) -> None:  # noqa: F811
     a, b = models["ft_a"], models["ft_b"]
-    stack = {
-        "merge_method": "passthrough",
-        "slices": [{"sources": [_src(a, [0, 2])]}, {"sources": [_src(b, [0, 2])]}],
-    }
-    stack["merge_method"] = "linear"
-    _refused(stack, r"slices\[1\] starts at layer 0, the previous slice ended at 2: stacking")
-    crossed = {"merge_method": "linear", "slices": [{"sources": [_src(a, [0, 1]), _src(b, [1, 2])]}]}
-    _refused(crossed, r"sources take different layers \[\(0, 1\), \(1, 2\)\]")
-    swapped = {
+    uneven = {"merge_method": "linear", "slices": [{"sources": [_src(a, [0, 1]), _src(b, [0, 2])]}]}
+    with pytest.raises(RecipeError, match=r"all sources of a slice must span the same number of layers"):
+        recipe_from_dict(uneven)
+    counts = {
         "merge_method": "linear",
-        "slices": [{"sources": [_src(a, [0, 1])]}, {"sources": [_src(b, [1, 2])]}],
+        "slices": [{"sources": [_src(a, [0, 1]), _src(b, [0, 1])]}, {"sources": [_src(a, [1, 2])]}],
     }
-    _refused(swapped, r"slices\[1\] uses other models")
+    _refused(counts, r"every slice needs the same number of sources")
     gradient = {
         "merge_method": "linear",
         "parameters": {"weight": [0.2, 0.8]},
@@ -124,9 +180,17 @@ def test_slices_that_are_not_a_plain_merge_are_refused(models: dict[str, str]) -
         ],
     }
     _refused(gradient, r"gradients .* with several slices")
-    # a slice that keeps only the first layer: the models have two
-    part = {
+    params = {
         "merge_method": "linear",
-        "slices": [{"sources": [_src(a, [0, 1], weight=0.5), _src(b, [0, 1], weight=0.5)]}],
+        "slices": [
+            {"sources": [_src(a, [0, 1], weight=0.2), _src(b, [0, 1], weight=0.8)]},
+            {"sources": [_src(a, [1, 2], weight=0.5), _src(b, [1, 2], weight=0.5)]},
+        ],
     }
-    _refused(part, r"the slices cover layers 0–1 but ft_a has 2 layers")
+    _refused(params, r"source 0 has different parameters in different slices")
+    beyond = {"merge_method": "passthrough", "slices": [{"sources": [_src(a, [1, 3])]}]}
+    MergeConfiguration.model_validate(copy.deepcopy(beyond))
+    import alloykit
+
+    with pytest.raises(RecipeError, match=r"layer_range \[1, 3\) is out of bounds: .*ft_a has 2 layers"):
+        alloykit.merge(**recipe_from_dict(beyond).merge_kwargs(), dry_run=True)

@@ -352,6 +352,8 @@ def open_checkpoint(source: object, label: str | None = None) -> CheckpointReade
         if bad:
             raise CheckpointError(f"{label or 'state dict'}: entries that are not tensors: {bad[:5]}")
         return TensorDictReader(source, label or "state_dict")
+    if callable(getattr(source, "read_range", None)) and callable(getattr(source, "meta", None)):
+        return source  # already a reader (e.g. a layer stack, alloykit.io.stacked)
     if not isinstance(source, str | os.PathLike):
         raise CheckpointError(
             f"cannot read a checkpoint from {type(source).__name__}; expected a path, a state "

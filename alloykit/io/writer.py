@@ -358,6 +358,16 @@ class StreamingWriter:
         except OSError as e:
             raise OutputError(describe_os_error(e, self.out_dir / relative)) from None
 
+    def update_json(self, relative: str, updates: dict) -> None:
+        """Set keys of a JSON file already in the output (e.g. config.json's number of layers)."""
+        path = self.tmp_dir / relative
+        try:
+            data = json.loads(path.read_text())
+            data.update(updates)
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as e:
+            raise OutputError(describe_os_error(e, self.out_dir / relative)) from None
+
     def copy_companions(self, folder: Path | None, out_dtype: torch.dtype | None = None) -> list[str]:
         """Copy config/tokenizer/generation files from ``folder``; record the output dtype."""
         if folder is None:

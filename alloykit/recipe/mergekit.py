@@ -3,8 +3,11 @@
 
 Each supported mergekit method maps to an alloykit method with its ``mergekit`` preset, which
 reproduces mergekit 0.1.5's arithmetic. mergekit computes in ``dtype`` (or the inputs' own
-dtype when it is absent) and writes ``out_dtype`` (else ``dtype``); so does the translation.
-What is not supported yet is refused with a message that names it.
+dtype when it is absent) and writes ``out_dtype``, else the method's result as it is: in the
+compute dtype, but float32 for ``arcee_fusion`` and ``ramplus_tl`` on half-precision inputs; so
+does the translation. Parameters mergekit requires (slerp's and nearswap's ``t``, nuslerp's and
+multislerp's ``weight``) are required here too. What is not supported yet is refused with a
+message that names it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,31 @@ METHODS: dict[str, tuple[str, str]] = {
     "della_linear": ("della_linear", "mergekit"),
     "slerp": ("slerp", "mergekit"),
     "model_stock": ("model_stock", "mergekit"),
+    "nuslerp": ("nuslerp", "mergekit"),
+    "multislerp": ("multislerp", "mergekit"),
+    "karcher": ("karcher", "mergekit"),
+    "sce": ("sce", "mergekit"),
+    "nearswap": ("nearswap", "mergekit"),
+    "arcee_fusion": ("arcee_fusion", "mergekit"),
+    "passthrough": ("passthrough", "mergekit"),
+    "ram": ("ram", "mergekit"),
+    "ramplus_tl": ("ramplus_tl", "mergekit"),
 }
+# Methods for which mergekit's base_model is one more input (its contract ignores the base): it
+# stays where it is listed in models, or comes last when it is not listed.
+_BASE_IS_INPUT = {"linear", "karcher", "passthrough"}
+# Parameters mergekit requires (no default): per method, the name and whether it is per model.
+_REQUIRED = {
+    "slerp": ("t", False),
+    "nearswap": ("t", False),
+    "nuslerp": ("weight", True),
+    "multislerp": ("weight", True),
+}
+# Methods whose result mergekit leaves in float32 for half-precision inputs (a float32 mask or
+# coefficient): without out_dtype, mergekit writes those float32 tensors as they are.
+_FLOAT32_RESULT = {"arcee_fusion", "ramplus_tl"}
+# mergekit parameter -> alloykit parameter, per method (values pass unchanged).
+_RENAMED = {"nuslerp": {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}}
 # mergekit's default ``normalize`` per method (its GeneralizedTaskArithmeticMerge table).
 _NORMALIZE_DEFAULT = {
     "ties": True,
@@ -76,6 +103,8 @@ def _translate_params(params: dict[str, Any], method: str) -> dict[str, Any]:
         elif key == "filter_wise" and method == "model_stock":
             # mergekit's filter_wise: one ratio per vector along the last axis
             out["granularity"] = _bool_to(value, "last_axis", "tensor", key)
+        elif key in _RENAMED.get(method, {}):
+            out[_RENAMED[method][key]] = value
         else:
             out[key] = value
     return out
@@ -100,15 +129,16 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(f"mergekit recipe: unknown keys {sorted(unknown)}")
     if "modules" in data:
         raise RecipeError("mergekit recipe: 'modules:' (multi-module merges) is not supported yet")
-    slice_layers = None
+    slice_layers = layer_stack = None
     if "slices" in data:
         from alloykit.recipe.mergekit_slices import slices_to_models
 
-        data, slice_layers = slices_to_models(data)
-    if data.get("tokenizer") is not None or data.get("chat_template") is not None:
+        name = data.get("merge_method")
+        data, slice_layers, layer_stack = slices_to_models(data, base_is_input=name in _BASE_IS_INPUT)
+    if data.get("tokenizer") is not None:
         raise RecipeError(
-            "mergekit recipe: 'tokenizer:' and 'chat_template:' are not supported "
-            "yet (alloykit copies the base model's tokenizer files)"
+            "mergekit recipe: 'tokenizer:' is not supported yet (alloykit copies the base model's "
+            "tokenizer files)"
         )
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):
@@ -120,29 +150,57 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if name not in METHODS:
         raise RecipeError(f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}")
     method, preset = METHODS[name]
-    if name == "slerp" and "t" not in (data.get("parameters") or {}):
-        raise RecipeError("mergekit recipe: slerp needs 'parameters: {t: ...}' (mergekit requires it)")
     base = _local(data["base_model"], "base_model") if data.get("base_model") else None
+    base_is_input = name in _BASE_IS_INPUT
     models = []
     for entry in data.get("models") or []:
         if not isinstance(entry, dict) or "model" not in entry:
             raise RecipeError(f"mergekit recipe: each entry of models needs 'model:', got {entry!r}")
         ref = _local(entry["model"], "models")
-        if base is not None and ref == base and method != "linear":
-            continue  # mergekit lists the base among the models; task-vector methods skip it
+        if base is not None and ref == base and not base_is_input:
+            continue  # mergekit lists the base among the models; methods that take a base skip it
         models.append({"model": ref, "parameters": _translate_params(entry.get("parameters") or {}, name)})
-    if method == "linear" and base is not None and base not in [m["model"] for m in models]:
-        # mergekit adds a base that is not listed as one more input of a linear merge.
+    listed = [m["model"] for m in models]
+    if base_is_input and base is not None and base not in listed and layer_stack is None:
+        # mergekit adds a base that is not listed as one more input (the last).
         models.append({"model": base, "parameters": {}})
+    _require(name, data.get("parameters") or {}, models)
     dtype = data.get("dtype") or "auto"
+    out_dtype = data.get("out_dtype") or (None if dtype == "auto" else dtype)
+    wide = str(dtype).removeprefix("torch.") == "float64"
+    if name in _FLOAT32_RESULT and not data.get("out_dtype") and not wide:
+        # (with dtype absent and float64 inputs mergekit writes float64: a known difference)
+        out_dtype = "float32"
     return {
         "method": method,
         "preset": preset,
-        "base_model": base if method != "linear" else None,
+        "base_model": base if not base_is_input else None,
         "models": models,
         "parameters": _translate_params(data.get("parameters") or {}, name),
         "dtype": dtype,
-        "out_dtype": data.get("out_dtype") or (None if dtype == "auto" else dtype),
+        "out_dtype": out_dtype,
         "source_format": "mergekit",
+        "chat_template": data.get("chat_template"),
         **({"slice_layers": slice_layers} if slice_layers is not None else {}),
+        **({"layer_stack": layer_stack} if layer_stack is not None else {}),
     }
+
+
+def _require(name: str, params: dict[str, Any], models: list[dict[str, Any]]) -> None:
+    """mergekit refuses a recipe without its required parameters; so does the translation (alloykit's
+    own defaults would otherwise merge what mergekit never would)."""
+    if name not in _REQUIRED:
+        return
+    key, per_model = _REQUIRED[name]
+    if key in params:
+        return
+    if not per_model:
+        raise RecipeError(
+            f"mergekit recipe: {name} needs 'parameters: {{{key}: ...}}' (mergekit requires it)"
+        )
+    missing = [m["model"] for m in models if key not in m["parameters"]]
+    if missing:
+        raise RecipeError(
+            f"mergekit recipe: {name} needs '{key}' for every model (mergekit requires it), in "
+            f"parameters: or in each model's parameters; missing for {', '.join(missing)}"
+        )

@@ -1,4 +1,4 @@
-"""mergekit's ``slices:`` recipes that are a plain merge of whole models.
+"""mergekit's ``slices:`` recipes: merges of whole models, and layer stacks.
 
 Most published mergekit recipes (nearly every SLERP recipe) write their models as one slice
 covering every layer::
@@ -14,22 +14,25 @@ covering every layer::
 mergekit itself turns ``models:`` into exactly this (one slice, every source over all its layers),
 so such a recipe is the ``models:`` recipe with the same entries: gradients run over the layers
 of the slice (t = layer / (layers − 1)) as they do over the model, and the embeddings and final
-norm / head are merged from the same models. This module rewrites such recipes; recipes that
-stack or drop layers (frankenmerges) are refused with a message saying so.
+norm / head are merged from the same models.
 
-A slice whose layer range does not cover the whole model is not a merge of whole models; the
-range is checked against the checkpoints once their paths are known (:func:`check_layer_ranges`).
+Slices that take part of the models, stack layers or take different layers from different models
+(frankenmerges) become *layer stacks*: the k-th source of every slice (the base aside, for
+methods that take one) is the k-th model of the merge, whose layers are those of its slices in
+turn, renumbered; the base is stacked the same way from its sources (:mod:`alloykit.io.stacked`;
+the output's config gets the new number of layers). What cannot be written that way is refused
+with a message: a different number of sources per slice, source parameters that change between
+slices, and, with several slices, parameters per slice or gradients (mergekit restarts a
+gradient in every slice).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from alloykit.errors import RecipeError
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+from alloykit.io.stacked import count_layers
 
 
 def _is_gradient(value: Any) -> bool:
@@ -56,22 +59,26 @@ def _range(source: dict[str, Any], where: str) -> tuple[int, int]:
     return int(rng[0]), int(rng[1])
 
 
-def slices_to_models(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """``data`` with its ``slices:`` rewritten as ``models:``, and the number of layers the slices
-    cover (to be checked against the models). Raises :class:`RecipeError` for slices that do
-    something a ``models:`` recipe cannot: stack, drop or reorder layers, or change parameters or
-    the base model between slices."""
+def slices_to_models(
+    data: dict[str, Any], base_is_input: bool = False
+) -> tuple[dict[str, Any], int | None, dict[str, Any] | None]:
+    """``data`` with its ``slices:`` rewritten as ``models:``; the number of layers the slices
+    cover when they merge whole models (to be checked against the models), else None and a
+    *layer stack*: {"positions": per model position, its (model, start, stop) in each slice;
+    "base": the base's (model, start, stop) in each slice, or None}. The k-th source of every
+    slice (the base aside, for methods that take one) is the k-th model of the merge, whose layers
+    are those of its slices in turn (:mod:`alloykit.io.stacked`).
+
+    Refused with a message: slices whose sources span different numbers of layers, a different
+    number of sources per slice, source parameters that change between slices, and, with several
+    slices, parameters per slice or gradients (mergekit restarts a gradient in every slice)."""
     slices = data.get("slices")
     if not isinstance(slices, list) or not slices:
         raise RecipeError("mergekit recipe: 'slices:' must be a non-empty list of {sources: [...]}")
     if data.get("models"):
         raise RecipeError("mergekit recipe: give 'slices:' or 'models:', not both")
-    frankenmerge = (
-        "stacking, dropping or reordering layers (a 'frankenmerge') is not supported yet; alloykit "
-        "reads slices: only when they merge whole models"
-    )
-    models: list[dict[str, Any]] | None = None
-    end = 0
+    base = data.get("base_model")
+    table: list[list[tuple[str, int, int, dict[str, Any]]]] = []
     for k, sl in enumerate(slices):
         where = f"slices[{k}]"
         if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
@@ -79,45 +86,27 @@ def slices_to_models(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
         unknown = set(sl) - {"sources", "parameters", "base_model"}
         if unknown:
             raise RecipeError(f"mergekit recipe: {where}: unknown keys {sorted(unknown)}")
-        ranges = []
+        if sl.get("base_model") not in (None, base):
+            raise RecipeError(f"mergekit recipe: {where} sets another base_model: not supported yet")
+        row = []
         for j, src in enumerate(sl["sources"]):
             if not isinstance(src, dict) or "model" not in src:
                 raise RecipeError(f"mergekit recipe: {where}.sources[{j}] needs 'model:' and 'layer_range:'")
             extra = set(src) - {"model", "layer_range", "parameters"}
             if extra:
                 raise RecipeError(f"mergekit recipe: {where}.sources[{j}]: unknown keys {sorted(extra)}")
-            ranges.append(_range(src, f"{where}.sources[{j}]"))
-        if len(set(ranges)) != 1:
-            lengths = {r[1] - r[0] for r in ranges}
-            if len(lengths) != 1:
-                raise RecipeError(
-                    f"mergekit recipe: {where}: all sources of a slice must span the same number of layers, "
-                    f"got ranges {ranges}"
-                )
+            start, stop = _range(src, f"{where}.sources[{j}]")
+            row.append((src["model"], start, stop, src.get("parameters") or {}))
+        lengths = {stop - start for _, start, stop, _ in row}
+        if len(lengths) != 1:
             raise RecipeError(
-                f"mergekit recipe: {where}: sources take different layers {ranges}: {frankenmerge}"
+                f"mergekit recipe: {where}: all sources of a slice must span the same number of layers, "
+                f"got ranges {[(a, b) for _, a, b, _ in row]}"
             )
-        start, stop = ranges[0]
-        if start != end:
-            raise RecipeError(
-                f"mergekit recipe: {where} starts at layer {start}, the previous slice ended at {end}: "
-                + frankenmerge
-            )
-        end = stop
-        entries = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sl["sources"]]
-        if models is None:
-            models = entries
-        elif entries != models:
-            raise RecipeError(
-                f"mergekit recipe: {where} uses other models or source parameters than slices[0]: "
-                + frankenmerge
-            )
+        table.append(row)
     multi = len(slices) > 1
-    out = {key: value for key, value in data.items() if key != "slices"}
     params = dict(data.get("parameters") or {})
     for k, sl in enumerate(slices):
-        if sl.get("base_model") not in (None, data.get("base_model")):
-            raise RecipeError(f"mergekit recipe: slices[{k}] sets another base_model: not supported yet")
         if sl.get("parameters"):
             if multi:
                 raise RecipeError(
@@ -125,32 +114,95 @@ def slices_to_models(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
                     "is not supported yet (merge them into one slice or move them to the top level)"
                 )
             params.update(sl["parameters"])  # a slice's parameters override the top-level ones
+    out = {key: value for key, value in data.items() if key != "slices"}
+    out["parameters"] = params
+    first = [(m, a, b, p) for m, a, b, p in table[0]]
+    plain = all(len({(a, b) for _, a, b, _ in row}) == 1 for row in table)
+    plain = plain and [row[0][1] for row in table] == [0] + [row[0][2] for row in table[:-1]]
+    plain = plain and all([(m, p) for m, _, _, p in row] == [(m, p) for m, _, _, p in first] for row in table)
     if multi:
-        # mergekit interpolates gradients within each slice (t = layer in slice / (n − 1)).
-        settings = [params] + [m["parameters"] for m in models or []]
+        settings = [params] + [p for row in table for *_, p in row]
         if any(_is_gradient(v) for s in settings for v in s.values()):
             raise RecipeError(
                 "mergekit recipe: gradients (lists of values) with several slices: mergekit restarts the "
                 "gradient in every slice; not supported yet (use one slice over all layers)"
             )
-    out["parameters"] = params
-    out["models"] = models
-    return out, end
+    if plain:
+        out["models"] = [{"model": m, "parameters": p} for m, _, _, p in first]
+        try:  # kept in case the models have more layers than the slices take
+            _, layer_stack = _stack(table, base, base_is_input)
+        except RecipeError:
+            layer_stack = None
+        return out, table[-1][0][2], layer_stack
+    out["models"], layer_stack = _stack(table, base, base_is_input)
+    return out, None, layer_stack
 
 
-def count_layers(keys: list[str]) -> int:
-    """Number of layers of a checkpoint: 1 + the largest layer index in its tensor names."""
-    found = [int(m.group(1)) for k in keys if (m := _LAYER.search(k))]
-    return max(found) + 1 if found else 0
+def _stack(
+    table: list[list[tuple[str, int, int, dict[str, Any]]]], base: str | None, base_is_input: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The models of a layer stack (one per source position) and its description."""
+    keyed = []
+    base_rows = []
+    for k, row in enumerate(table):
+        others = [e for e in row if base_is_input or base is None or e[0] != base]
+        mine = [e for e in row if not (base_is_input or base is None) and e[0] == base]
+        if not base_is_input and base is not None:
+            if len(mine) != 1:
+                raise RecipeError(
+                    f"mergekit recipe: slices[{k}] must list the base model {base} once among its sources "
+                    "(its layers there are the base of that slice, as in mergekit)"
+                )
+            base_rows.append(list(mine[0][:3]))
+        keyed.append(others)
+    counts = {len(r) for r in keyed}
+    if len(counts) != 1 or 0 in counts:
+        raise RecipeError(
+            "mergekit recipe: every slice needs the same number of sources (besides the base) for alloykit "
+            f"to stack them; got {[len(r) for r in keyed]}"
+        )
+    positions = []
+    models = []
+    for p in range(len(keyed[0])):
+        entries = [row[p] for row in keyed]
+        if any(e[3] != entries[0][3] for e in entries):
+            raise RecipeError(
+                f"mergekit recipe: source {p} has different parameters in different slices; not supported yet"
+            )
+        positions.append([list(e[:3]) for e in entries])
+        models.append({"model": entries[0][0], "parameters": entries[0][3]})
+    return models, {"positions": positions, "base": base_rows or None}
 
 
 def check_layer_ranges(models: list[tuple[str, list[str]]], layers: int) -> None:
-    """The slices covered layers 0 … ``layers``: every model must have exactly that many, else the
-    recipe would drop layers (mergekit writes a shorter model; alloykit refuses)."""
+    """The slices covered layers 0 … ``layers``: raises unless every model has exactly that many
+    (then the recipe is a plain merge; otherwise the caller uses the layer stack)."""
     for label, keys in models:
         n = count_layers(keys)
         if n != layers:
             raise RecipeError(
                 f"mergekit recipe: the slices cover layers 0–{layers} but {Path(label).name or label} "
-                f"has {n} layers; keeping only part of a model (a 'frankenmerge') is not supported yet"
+                f"has {n} layers"
             )
+
+
+def open_stacks(layer_stack: dict[str, Any], base: str | None) -> tuple[list[Any], Any]:
+    """Readers for a layer stack (:func:`slices_to_models`): one per model position, and the
+    base's stack (None when the base is not stacked)."""
+    from alloykit.io.readers import open_checkpoint
+    from alloykit.io.stacked import stack
+
+    opened: dict[str, Any] = {}
+
+    def reader(path: str) -> Any:
+        if path not in opened:
+            opened[path] = open_checkpoint(path, path)
+        return opened[path]
+
+    def build(label: str, rows: list[list[Any]]) -> Any:
+        parts = [(reader(m), int(a), int(b)) for m, a, b in rows]
+        return stack(label, parts, parts[0][0], parts[-1][0])
+
+    models = [build(f"stack {p} ({rows[0][0]}, …)", rows) for p, rows in enumerate(layer_stack["positions"])]
+    based = build(f"base stack ({base})", layer_stack["base"]) if layer_stack.get("base") else None
+    return models, based

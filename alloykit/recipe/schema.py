@@ -18,6 +18,8 @@ An alloykit recipe::
     exclude: ["lm_head"]     # regexes: matching tensors are copied from the base, not merged
     output: {shard_size: 5GB, copy_files_from: ./base}
     device: cuda             # where tensors are merged (default cpu; --device overrides)
+    executor: ray            # merge jobs (and an alignment's statistics pass) as Ray tasks
+    ray_address: head:6379   # a running Ray cluster (default: a local one)
 
 Models trained separately (``method: activation_matching``, ``zipit``, ``mudsc_zip``, ...) add::
 
@@ -92,13 +94,19 @@ class Recipe(BaseModel):
     alignment: AlignmentOptions | None = None
     # where merged tensors are computed: cpu, cuda, cuda:N, "cuda:0,cuda:1", auto
     device: str | None = None
-    # thread (default) or ray; ray_address: a running cluster (default: a local one)
+    # thread (default) or ray; ray_address: a running cluster (default: a local one). With ray the
+    # merge jobs and an alignment's statistics pass (a task per batch) run as Ray tasks.
     executor: Literal["thread", "ray"] = "thread"
     ray_address: str | None = None
     # Where the recipe came from ("alloykit" or "mergekit"); set by the loader.
     source_format: str = "alloykit"
     # A mergekit slices: recipe read as models: covered this many layers (checked on loading).
     slice_layers: int | None = None
+    # mergekit slices: that stack layers: per model position its (model, start, stop) per slice,
+    # and the base's (alloykit.recipe.mergekit_slices); the models are then layer stacks.
+    layer_stack: dict[str, Any] | None = None
+    # The output's chat template: auto, a name (chatml, llama3, alpaca, mistral) or Jinja.
+    chat_template: str | None = None
     # Warnings from reading the recipe (e.g. mergekit parameters the method does not use).
     notes: list[str] = Field(default_factory=list)
 
@@ -117,16 +125,23 @@ class Recipe(BaseModel):
                 self_check=a.self_check,
                 post=a.post,
             )
+        models: list[Any] = [m.model for m in self.models]
+        base: Any = self.base_model
+        if self.layer_stack is not None:
+            from alloykit.recipe.mergekit_slices import open_stacks
+
+            models, stacked_base = open_stacks(self.layer_stack, self.base_model)
+            base = stacked_base if stacked_base is not None else base
         return dict(
             **aligned,
             device=self.device,
             executor=self.executor,
             ray_address=self.ray_address,
-            models=[m.model for m in self.models],
+            models=models,
             statistics=[m.statistics for m in self.models]
             if any(m.statistics for m in self.models)
             else None,
-            base_model=self.base_model,
+            base_model=base,
             method=self.method,
             preset=self.preset,
             parameters=self.parameters,
@@ -140,6 +155,7 @@ class Recipe(BaseModel):
             shard_size=self.output.shard_size,
             copy_files_from=self.output.copy_files_from,
             notes=list(self.notes),
+            chat_template=self.chat_template,
         )
 
 
@@ -205,8 +221,19 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
         m.model = _resolve_path(m.model, folder)
         m.statistics = _resolve_path(m.statistics, folder)
     recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
+    if recipe.layer_stack is not None:
+        stack = recipe.layer_stack
+        for rows in [*stack["positions"], stack["base"] or []]:
+            for row in rows:
+                row[0] = _resolve_path(row[0], folder)
     if recipe.slice_layers is not None:
-        _check_slices(recipe)
+        # slices over whole models are a plain merge; over part of them, a layer stack
+        try:
+            _check_slices(recipe)
+            recipe.layer_stack = None
+        except RecipeError:
+            if recipe.layer_stack is None:
+                raise
     if recipe.alignment is not None:
         recipe.alignment.groups = _resolve_path(recipe.alignment.groups, folder)
         data = recipe.alignment.data
