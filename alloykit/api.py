@@ -263,7 +263,8 @@ def merge(
 
     ``executor``: ``thread`` (default: jobs in this process) or ``ray`` (jobs as Ray tasks on a
     local or running cluster, ``ray_address``; inputs and the output folder must be on storage
-    every node sees). The bytes written are the same.
+    every node sees). The bytes written are the same. An aligner's statistics pass runs as Ray
+    tasks too (one per batch, summed on the driver in batch order: the same bytes).
 
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
@@ -320,6 +321,9 @@ def merge(
             preset,
             progress,
             devices[0],
+            executor,
+            ray_address,
+            workers,
         )
     elif post != "none" or alignment is not None:
         from alloykit.alignment.pipeline import batches_of, template_module
@@ -454,8 +458,12 @@ def _align(
     preset: str | None,
     progress: Any,
     device: torch.device,
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
 ):
-    """Run the method's aligner on the models (read whole: these are models one can run)."""
+    """Run the method's aligner on the models (read whole: these are models one can run); with
+    ``executor="ray"`` its statistics pass runs as Ray tasks too."""
     from alloykit.alignment.pipeline import prepare_alignment
 
     if model is None:
@@ -480,6 +488,9 @@ def _align(
         exclude_groups=exclude_groups,
         progress=progress,
         device=device,
+        executor=executor,
+        ray_address=ray_address,
+        workers=workers,
     )
 
 

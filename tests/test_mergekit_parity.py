@@ -350,7 +350,8 @@ def test_slices_that_drop_layers_become_a_layer_stack(models: dict[str, str]) ->
     }
     MergeConfiguration.model_validate(copy.deepcopy(data))  # valid for mergekit
     recipe = recipe_from_dict(data)
-    assert recipe.layer_stack == {"positions": [[[models["ft_a"], 0, 1]], [[models["ft_b"], 0, 1]]], "base": None}
+    positions = [[[models["ft_a"], 0, 1]], [[models["ft_b"], 0, 1]]]
+    assert recipe.layer_stack == {"positions": positions, "base": None}
 
 
 def test_unsupported_mergekit_method_is_refused(models: dict[str, str]) -> None:

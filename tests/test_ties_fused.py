@@ -114,12 +114,13 @@ def test_approximate_threshold_takes_one_pass_and_changes_only_the_entries_near_
         params = {"density": 0.2, "threshold": threshold}
         res[threshold] = merge_state_dicts(fts, base, "ties", parameters=params)
     near = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in base.items()}
-    for t, ft in enumerate(fts):
+    for ft in fts:
         taus = {k: (ft[k] - base[k]).abs() for k in base}
         flat = torch.cat([v.reshape(-1) for v in taus.values()])
         exact = flat.kthvalue(flat.numel() - int(flat.numel() * 0.2)).values
         # the lower edge of exact's bucket: its float32 bit pattern with the low 16 bits cleared
-        edge = torch.tensor([int(exact.view(torch.int32)) & ~0xFFFF], dtype=torch.int32).view(torch.float32)[0]
+        bits = torch.tensor([int(exact.view(torch.int32)) & ~0xFFFF], dtype=torch.int32)
+        edge = bits.view(torch.float32)[0]
         assert edge <= exact < edge * (1 + 2**-7)
         for k in base:
             near[k] |= (taus[k] >= edge) & (taus[k] < exact)
@@ -131,4 +132,5 @@ def test_approximate_threshold_takes_one_pass_and_changes_only_the_entries_near_
     assert sum(int(v.sum()) for v in near.values()) < 0.01 * 2 * 12900
     passes = get_method("ties").reduction.passes
     params = {"topk": "model", "zero_sign": "model_majority"}
-    assert passes({**params, "threshold": "approximate"}) == 1 and passes({**params, "threshold": "exact"}) == 2
+    assert passes({**params, "threshold": "approximate"}) == 1
+    assert passes({**params, "threshold": "exact"}) == 2

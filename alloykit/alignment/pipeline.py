@@ -147,10 +147,17 @@ def prepare_alignment(
     exclude_groups: Sequence[str] = (),
     progress: Callable[[str, int, int], None] | None = None,
     device: torch.device | str = "cpu",
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    group_batches: int = 1,
 ) -> tuple[Alignment, torch.nn.Module, list[Any]]:
     """Trace, self-check, collect statistics and solve; returns the alignment, the template
     module and the batches (for post-steps). ``device``: where the statistics pass runs (tracing
-    and the self-check run on the host, the solvers on small matrices on the host too)."""
+    and the self-check run on the host, the solvers on small matrices on the host too).
+    ``executor="ray"``: the statistics pass runs as Ray tasks, one per ``group_batches`` batches,
+    their sums added in batch order (the same bytes as in this process; see
+    :func:`~alloykit.alignment.statistics.collect_activation_statistics`)."""
     seconds: dict[str, float] = {}
     template = template_module(model)
     modules = modules_for(template, states)
@@ -178,7 +185,18 @@ def prepare_alignment(
                 raise ParameterError(f"{what} needs data: give data= (batches of model inputs)")
             with timed(seconds, "statistics"):
                 stats = collect_activation_statistics(
-                    template, gm, states, table, batches, progress=progress, device=device
+                    template,
+                    gm,
+                    states,
+                    table,
+                    batches,
+                    progress=progress,
+                    device=device,
+                    group_batches=group_batches,
+                    executor=executor,
+                    ray_address=ray_address,
+                    workers=workers,
+                    example=(args, kwargs),
                 )
             cache.append(stats.correlation)
         return cache[0]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from alloykit.alignment.groups import ActivationSource, GroupTable, PermGroup
-from alloykit.errors import AlloykitError
+from alloykit.errors import AlloykitError, ParameterError
 
 
 class AlignmentDataError(AlloykitError):
@@ -123,15 +123,33 @@ def collect_activation_statistics(
     mask_key: str = "attention_mask",
     progress: Callable[[str, int, int], None] | None = None,
     device: torch.device | str = "cpu",
+    group_batches: int = 1,
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    example: tuple[tuple, dict] | None = None,
 ) -> ActivationStatistics:
     """One pass over ``batches`` with every model (``states`` loaded into copies of ``model``):
     per group, the sums behind the cross-model correlation of its units. Units are observed with
     forward hooks at module inputs/outputs (any batch shape); sources that are not at a module
     boundary are read from the traced graph ``gm`` (whose shapes are those of the example).
-    ``device``: where the models run and the sums accumulate (returned on the host)."""
-    from alloykit.engine.devices import to_device
+    ``device``: where the models run and the sums accumulate (returned on the host).
 
+    The batches are cut into contiguous groups of ``group_batches`` (default 1: batch by batch);
+    each group's sums start from zero and are added to the totals in group order.
+    ``executor="ray"`` runs each group as a Ray task (``ray_address``: a running cluster;
+    ``workers``: tasks in flight) and adds the groups' sums on the driver in the same order: the
+    same bytes as this process, for any number of workers. A traced graph does not travel: tasks
+    export it again from ``model`` and ``example`` (``(args, kwargs)``, the tracing inputs)."""
+    from alloykit.engine.ray_passes import check_executor, groups_of, ordered_map
+
+    check_executor(executor, ray_address)
     device = torch.device(device)
+    if executor == "ray" and device.type != "cpu":
+        raise ParameterError(
+            f"executor='ray' collects alignment statistics on the nodes' CPUs, not on {device}: "
+            "drop one of them"
+        )
     groups = list(groups or table.groups)
     missing = [g.name for g in groups if not g.activation]
     if missing:
@@ -139,11 +157,11 @@ def collect_activation_statistics(
     hooked = all(src.module is not None for g in groups for src in g.activation)
     if not hooked and gm is None:
         raise AlignmentDataError("some groups are observed inside the graph: give the traced graph")
-    replicas = []
-    for state in states:
-        m = copy.deepcopy(gm if not hooked else model)
-        m.load_state_dict(state)
-        replicas.append(m.eval().to(device))
+    if executor == "ray" and not hooked and example is None:
+        raise AlignmentDataError(
+            "some groups are observed inside the traced graph, which Ray tasks trace again: give the "
+            "example inputs (example=(args, kwargs))"
+        )
     n_models = len(states)
     stats = ActivationStatistics(
         {
@@ -158,24 +176,98 @@ def collect_activation_statistics(
     batches = list(batches)
     if not batches:
         raise AlignmentDataError("no alignment data: give at least one batch")
-    for b, batch in enumerate(batches):
-        batch = to_device(batch, device)
-        mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
-        captured = [(_hooked_values if hooked else _graph_values)(m, groups, batch, b) for m in replicas]
-        for g in groups:
-            per_model = []
-            for values in captured:
-                feats = [unit_features(values[_key(s, hooked)], s, g.size, mask) for s in g.activation]
-                per_model.append(torch.cat(feats, dim=0))
-            x = torch.nan_to_num(torch.cat(per_model, dim=1), nan=0.0, posinf=0.0, neginf=0.0)
-            stats.sums[g.name].add(x)
-        stats.batches += 1
+    grouped = groups_of(batches, group_batches)
+    items = []
+    start = 0
+    for group in grouped:
+        items.append((start, group))
+        start += len(group)
+    context = _AlignmentTask(model, gm, example, list(states), groups, hooked, mask_key, device)
+    results = ordered_map(_alignment_task, items, context, executor=executor, ray_address=ray_address,
+                          workers=workers)  # fmt: skip
+    for (first, group), part in zip(items, results, strict=True):
+        for name, p in part.items():  # 0 + the first group's sums are those sums, bit for bit
+            s = stats.sums[name]
+            s.total += p.total.to(device)
+            s.outer += p.outer.to(device)
+            s.count += p.count
+        stats.batches += len(group)
         if progress:
-            progress("activations", b + 1, len(batches))
+            progress("activations", first + len(group), len(batches))
     for sums in stats.sums.values():
         sums.total, sums.outer = sums.total.cpu(), sums.outer.cpu()
     stats.check_alive()
     return stats
+
+
+class _AlignmentTask:
+    """What a group of batches needs: the model copies (made once per process), the groups."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        gm: torch.fx.GraphModule | None,
+        example: tuple[tuple, dict] | None,
+        states: list[dict[str, torch.Tensor]],
+        groups: list[PermGroup],
+        hooked: bool,
+        mask_key: str,
+        device: torch.device,
+    ):
+        self.model, self.gm, self.example = model, gm, example
+        self.states, self.groups, self.hooked = states, groups, hooked
+        self.mask_key, self.device = mask_key, device
+        self._replicas: list[torch.nn.Module] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a traced graph does not pickle (torch.export): a task exports the model again
+        return {**self.__dict__, "gm": None, "_replicas": None}
+
+    def replicas(self) -> list[torch.nn.Module]:
+        if self._replicas is None:
+            source = self.model if self.hooked else self.gm
+            if source is None:
+                from alloykit.alignment.trace import export_model
+
+                args, kwargs = self.example
+                source = self.gm = export_model(copy.deepcopy(self.model), tuple(args), dict(kwargs))
+            replicas = []
+            for state in self.states:
+                m = copy.deepcopy(source)
+                m.load_state_dict(state)
+                replicas.append(m.eval().to(self.device))
+            self._replicas = replicas
+        return self._replicas
+
+
+def _alignment_task(ctx: _AlignmentTask, item: tuple[int, list[Any]]) -> dict[str, CorrelationSums]:
+    """One group of batches (the first numbered ``item[0]``): each group's sums, from zero."""
+    from alloykit.engine.devices import to_device
+
+    first, batches = item
+    replicas = ctx.replicas()
+    n_models = len(replicas)
+    device = ctx.device
+    out = {
+        g.name: CorrelationSums(
+            torch.zeros(n_models * g.size, dtype=torch.float64, device=device),
+            torch.zeros(n_models * g.size, n_models * g.size, dtype=torch.float64, device=device),
+        )
+        for g in ctx.groups
+    }
+    for b, batch in enumerate(batches, first):
+        batch = to_device(batch, device)
+        mask = batch.get(ctx.mask_key) if isinstance(batch, Mapping) else None
+        read = _hooked_values if ctx.hooked else _graph_values
+        captured = [read(m, ctx.groups, batch, b) for m in replicas]
+        for g in ctx.groups:
+            per_model = []
+            for values in captured:
+                feats = [unit_features(values[_key(s, ctx.hooked)], s, g.size, mask) for s in g.activation]
+                per_model.append(torch.cat(feats, dim=0))
+            x = torch.nan_to_num(torch.cat(per_model, dim=1), nan=0.0, posinf=0.0, neginf=0.0)
+            out[g.name].add(x)
+    return out
 
 
 def _key(src: ActivationSource, hooked: bool) -> Any:

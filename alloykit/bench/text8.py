@@ -340,6 +340,8 @@ def run(
     title: str = "text-8 benchmark",
     resume: bool = False,
     on_table: Callable[[list[Any]], None] | None = None,
+    executor: str = "thread",
+    ray_address: str | None = None,
 ) -> tuple[list[Any], dict[str, Path]]:
     """Prepare, evaluate references, run every method and variant (or ``methods``), write the report.
 
@@ -348,11 +350,15 @@ def run(
     not asked for this time stay in the report. ``results.json`` is rewritten after every method,
     so an interrupted run can be resumed. The final results and ``report.md`` are written, and
     ``on_table(rows)`` called (the CLI prints the table), before the plots are drawn; a plot
-    that cannot be drawn is logged and loses nothing.
+    that cannot be drawn is logged and loses nothing. ``executor="ray"``: every search trial is a
+    Ray task (on a local Ray or the cluster at ``ray_address``); the rows are the same.
     """
+    from alloykit.engine.ray_passes import check_executor
     from alloykit.evaluation.harness import Row, Suite, all_methods, reference_rows, run_method
     from alloykit.evaluation.metrics import normalized
     from alloykit.evaluation.report import draw_plots, task_vector_cosines, write_report
+
+    check_executor(executor, ray_address)  # now, not after the fine-tunes
 
     names = list(methods) if methods else [*all_methods(), *VARIANTS]
     if len(set(names)) != len(names):
@@ -423,6 +429,8 @@ def run(
             space=v.space if v else None,
             preset=v.preset if v else None,
             label=name,
+            executor=executor,
+            ray_address=ray_address,
         )
         rows.append(row)
         if row.status == "ok":

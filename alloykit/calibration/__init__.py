@@ -69,6 +69,10 @@ def calibrate(
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
     device: str | torch.device | None = None,
+    group_batches: int = 1,
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> StatisticsSource:
     """Statistics of ``model`` over ``data``.
 
@@ -82,9 +86,25 @@ def calibrate(
       default the module's own device); the statistics are stored on the host.
     * ``output``: a safetensors file; if it exists and was made from the same model, data and
       settings it is reused as is, if it was made from others it is refused unless ``force``.
+    * ``executor``: ``thread`` (default: this process) or ``ray``: the batches are cut into
+      contiguous groups of ``group_batches``, each group (of each pass) summed in a Ray task (a
+      model folder is loaded by path in the task: every node must see it; a module travels
+      through Ray's object store), on a local Ray or the cluster at ``ray_address``, at most
+      ``workers`` tasks at once. The groups' float64 sums are added on the driver in group order,
+      and this process sums the same groups in the same order: the statistics are the same bytes
+      with either executor and any number of workers. ``group_batches`` (default 1: the plain
+      batch-by-batch sum) trades parallelism against the partial sums sent back.
     """
+    from alloykit.engine.ray_passes import check_executor
+
     if kind not in KINDS:
         raise ParameterError(f"kind = {kind!r} is not allowed; expected one of {', '.join(KINDS)}")
+    check_executor(executor, ray_address)
+    if executor == "ray" and device is not None and torch.device(device).type != "cpu":
+        raise ParameterError(
+            f"device = {device!r} with executor='ray': Ray tasks calibrate on the nodes' CPUs; "
+            "drop one of them"
+        )
     from alloykit.calibration.data import (
         data_hash,
         load_hf_model,
@@ -99,6 +119,7 @@ def calibrate(
     store_dtype = parse_dtype(dtype, "dtype") or torch.float64
     rename = None
     tokenizer_hash = None
+    folder = None
     if isinstance(model, str | os.PathLike):
         folder = Path(model)
         if isinstance(data, str | os.PathLike):
@@ -128,6 +149,8 @@ def calibrate(
         "seed": seed,
         "batch_size": batch_size,
     }
+    if group_batches != 1:  # sums grouped otherwise differ in their last bits (never the executor)
+        settings["group_batches"] = group_batches
     fingerprint = model_fingerprint(module.state_dict())
     meta = {
         "kind": kind,
@@ -161,11 +184,21 @@ def calibrate(
             batches = to_device(batches, target)
     else:
         home = target = None
+    task_model = None
+    if executor == "ray" and folder is not None:
+        from alloykit.calibration.data import FolderModel
+
+        task_model = FolderModel(folder, fingerprint)
     try:
         stats = _collect(
             module,
             batches,
             kind,
+            group_batches=group_batches,
+            executor=executor,
+            ray_address=ray_address,
+            workers=workers,
+            task_model=task_model,
             include=include,
             exclude=exclude,
             store=store,
@@ -194,7 +227,9 @@ def calibrate(
 
 
 def _collect(module: torch.nn.Module, batches: list[Any], kind: str, **options: Any) -> Statistics:
-    common = {k: options[k] for k in ("include", "exclude", "dtype", "rename", "progress")}
+    keys = ("include", "exclude", "dtype", "rename", "progress", "group_batches", "executor", "ray_address",
+            "workers", "task_model")  # fmt: skip
+    common = {k: options[k] for k in keys}
     if kind == "activations":
         return collect_activation_statistics(
             module, batches, store=options["store"], max_memory=options["max_memory"], **common

@@ -19,7 +19,7 @@ squared and averaged: the empirical Fisher with the batch's labels, or the expec
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +92,10 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _Accumulator:
-    """XᵀX over rows added batch by batch (float64), or the rows themselves while fewer than
-    the input width (``store='auto'``)."""
+class _Partial:
+    """One layer's statistics over one group of batches: XᵀX in float64, summed batch by batch from
+    the first batch's product (0 + P = P exactly: no zeros are added), or the rows themselves while
+    fewer than the input width (``store='auto'``; always with ``store='inputs'``)."""
 
     def __init__(self, d_in: int, store: str):
         self.d_in = d_in
@@ -109,22 +110,22 @@ class _Accumulator:
         if x.shape[1] != self.d_in:
             raise CheckpointError(f"a layer input has width {x.shape[1]}, its weight expects {self.d_in}")
         x = x.detach()
-        if self.store == "inputs" or (self.store == "auto" and self.gram is None and
-                                      self.n_rows + x.shape[0] <= self.d_in):  # fmt: skip
+        if self.keeps_rows(x.shape[0]):
             # rows keep float32 or float64 (half precision widened), as the forward made them
             keep = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
             self.rows.append(x.to(keep).cpu().clone())
             self.n_rows += x.shape[0]
             return
         if self.gram is None:  # on the device the model runs on: the product is the cost
-            self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x.device)
-            for r in self.rows:
-                rd = r.double().to(x.device)
-                self.gram += rd.T @ rd
+            self.gram = _gram_of(self.rows, x.device)
             self.rows = []
-        xd = x.double()
-        self.gram += xd.T @ xd
+        self.gram = _plus(self.gram, _product(x))
         self.n_rows += x.shape[0]
+
+    def keeps_rows(self, more: int) -> bool:
+        return self.store == "inputs" or (
+            self.store == "auto" and self.gram is None and self.n_rows + more <= self.d_in
+        )
 
     def entry(self, dtype: torch.dtype) -> dict[str, Any]:
         if self.gram is not None:
@@ -132,9 +133,46 @@ class _Accumulator:
         rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.d_in)
         return {"inputs": rows, "tokens": self.n_rows}
 
-    @property
-    def nbytes(self) -> int:
-        return 8 * self.d_in * self.d_in
+
+def _product(x: torch.Tensor) -> torch.Tensor:
+    xd = x.double()
+    return xd.T @ xd
+
+
+def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """total + term, in place; no total yet: the term itself (bit for bit what 0 + term gives)."""
+    if total is None:
+        return term
+    return total.add_(term.to(total.device))
+
+
+def _gram_of(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """Σ rᵀr over the kept row blocks, in the order they came (None when there are none)."""
+    gram = None
+    for r in rows:
+        gram = _plus(gram, _product(r.to(device)))
+    return gram
+
+
+def fold_partial(total: _Partial | None, part: _Partial, device: torch.device | str = "cpu") -> _Partial:
+    """``total`` followed by ``part`` (the next group of batches): rows joined while they may stay
+    rows, else Grams added (rows first turned into their Gram on ``device``, the model's). Folding
+    per-batch partials gives the bits of summing batch by batch; folding the partials of groups
+    in group order gives the same bits wherever each group was summed."""
+    if total is None:
+        return part
+    if total.gram is None and part.gram is None and total.keeps_rows(part.n_rows):
+        total.rows += part.rows
+        total.n_rows += part.n_rows
+        return total
+    if total.gram is None:
+        total.gram = _gram_of(total.rows, torch.device(device))
+        total.rows = []
+    term = part.gram if part.gram is not None else _gram_of(part.rows, torch.device(device))
+    if term is not None:
+        total.gram = _plus(total.gram, term)
+    total.n_rows += part.n_rows
+    return total
 
 
 class _StopForward(Exception):
@@ -195,6 +233,11 @@ def collect_activation_statistics(
     mask_key: str = "attention_mask",
     rename: Callable[[str], str] | None = None,
     progress: Progress | None = None,
+    group_batches: int = 1,
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    task_model: Any = None,
 ) -> Statistics:
     """Input Gram matrices (or rows) of every selected linear layer of ``model`` over ``batches``.
 
@@ -206,19 +249,41 @@ def collect_activation_statistics(
     model, against 10⁻¹⁰ with float64); float32 halves the file.
     ``max_memory``: bytes of float64 Grams held at once (more layers make more passes; one
     layer's Gram always fits). ``rename`` maps the model's parameter names to the checkpoint's.
+
+    ``group_batches``: the batches are cut into contiguous groups of this many; each group's Gram
+    is summed on its own (from its first batch's product) and the groups' Grams are added in group
+    order. With 1 (the default) that is the plain batch-by-batch sum. ``executor="ray"`` runs each
+    group (of each pass) as a Ray task (``ray_address``: a running cluster; ``workers``: tasks
+    in flight, default the cluster's CPUs) and folds the groups on the driver in the same order,
+    so the statistics are the same bytes as in this process, for any number of workers.
+    ``task_model``: how a task gets the model (an object with a ``module()`` method, e.g.
+    :class:`alloykit.calibration.data.FolderModel`); by default ``model`` travels through Ray's
+    object store. Grouped sums hold a group's Grams beside the total, so with more than one group
+    of more than one batch a pass holds half as many layers.
     """
+    from alloykit.engine.ray_passes import check_executor, groups_of
+
     if store not in ("auto", "gram", "inputs"):
         raise ParameterError(f"store = {store!r} is not allowed; expected auto, gram or inputs")
+    check_executor(executor, ray_address)
     batches = list(batches)
     if not batches:
         raise CheckpointError("no calibration data: give at least one batch")
+    grouped = groups_of(batches, group_batches)
     targets = linear_layers(model, include, exclude)
     if not targets:
         raise CheckpointError("no linear layer matched: check include/exclude (module names)")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if executor == "ray" and device.type != "cpu":
+        raise ParameterError(
+            f"executor='ray' runs calibration on the nodes' CPUs; the model is on {device}: drop one of them"
+        )
 
     def mask_of(batch: Batch) -> torch.Tensor | None:
         return batch.get(mask_key) if isinstance(batch, Mapping) else None
 
+    # a group's Grams beside the totals: twice the memory when groups of several batches follow
+    factor = 2 if group_batches > 1 and len(grouped) > 1 else 1
     was_training = model.training
     model.eval()
     try:
@@ -226,72 +291,175 @@ def collect_activation_statistics(
         passes: list[list[list[Target]]] = [[]]
         held = 0
         for g in groups:
-            size = 8 * g[0].d_in ** 2
+            size = factor * 8 * g[0].d_in ** 2
             if passes[-1] and max_memory is not None and held + size > max_memory:
                 passes.append([])
                 held = 0
             passes[-1].append(g)
             held += size
-        entries: dict[str, dict[str, Any]] = {}
-        shared: dict[str, str] = {}
+        totals: dict[str, _Partial | None] = {}
         total_steps = len(passes) * len(batches)
-        step = 0
-        for pass_groups in passes:
-            accs = {id(g[0]): _Accumulator(g[0].d_in, store) for g in pass_groups}
-            last = pass_groups[-1][0]
-            current: dict[str, Any] = {}
-            handles = []
+        done = [0]
 
-            def hook(acc: _Accumulator, stop: bool, batch_state: dict[str, Any]) -> Callable:
-                def on_forward(module: nn.Module, args: tuple, output: Any) -> None:
-                    acc.add(_rows(args[0], batch_state.get("mask")))
-                    if stop:
-                        raise _StopForward
+        def step(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress("calibration", done[0], total_steps)
 
-                return on_forward
+        def fold(name: str, part: _Partial) -> None:
+            totals[name] = fold_partial(totals.get(name), part, device)
 
-            for g in pass_groups:
-                leader = g[0]
-                handles.append(
-                    leader.layer.register_forward_hook(hook(accs[id(leader)], leader is last, current))
-                )
-            try:
-                with torch.inference_mode():
-                    for batch in batches:
-                        current["mask"] = mask_of(batch)
-                        try:
-                            call_model(model, batch)
-                        except _StopForward:
-                            pass
-                        step += 1
-                        if progress:
-                            progress("calibration", step, total_steps)
-            finally:
-                for h in handles:
-                    h.remove()
-            for g in pass_groups:
-                leader = g[0]
-                entry = accs[id(leader)].entry(dtype)
-                for t in g:
-                    name = rename(t.param) if rename else t.param
-                    entries[name] = {
-                        **entry,
-                        "transposed": t.transposed,
-                        "signature": weight_signature(t.layer.weight),
-                        "signature_dtype": str(t.layer.weight.dtype).removeprefix("torch."),
-                    }
-                    if t is not leader:
-                        shared[name] = rename(leader.param) if rename else leader.param
-                    else:
-                        if entry["tokens"] == 0:
-                            raise CheckpointError(
-                                f"layer {t.module!r} saw no input rows (every row was padding?)"
-                            )
+        if executor == "thread":
+            for pass_groups in passes:
+                _activation_pass(model, [g[0] for g in pass_groups], grouped, store, mask_key,
+                                 lambda g, name, part: fold(name, part), step)  # fmt: skip
+        else:
+            from alloykit.engine.ray_passes import ordered_map
+
+            context = _ActivationTask(
+                task_model if task_model is not None else GivenModel(model),
+                [[g[0].module for g in pass_groups] for pass_groups in passes],
+                store,
+                mask_key,
+            )
+            items = [(p, i, group) for p in range(len(passes)) for i, group in enumerate(grouped)]
+            model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+            def cost(item: tuple[int, int, list[Batch]]) -> int:
+                return model_bytes + sum(8 * g[0].d_in ** 2 for g in passes[item[0]])
+
+            results = ordered_map(_activation_task, items, context, executor=executor,
+                                  ray_address=ray_address, workers=workers, cost=cost)  # fmt: skip
+            for (_, _, group), partials in zip(items, results, strict=True):
+                with torch.no_grad():
+                    for name, part in partials:
+                        fold(name, part)
+                step(len(group))
     finally:
         model.train(was_training)
+    entries: dict[str, dict[str, Any]] = {}
+    shared: dict[str, str] = {}
+    for pass_groups in passes:
+        for g in pass_groups:
+            leader = g[0]
+            total = totals.get(leader.module)
+            if total is None or total.n_rows == 0:
+                raise CheckpointError(f"layer {leader.module!r} saw no input rows (every row was padding?)")
+            entry = total.entry(dtype)
+            for t in g:
+                name = rename(t.param) if rename else t.param
+                entries[name] = {
+                    **entry,
+                    "transposed": t.transposed,
+                    "signature": weight_signature(t.layer.weight),
+                    "signature_dtype": str(t.layer.weight.dtype).removeprefix("torch."),
+                }
+                if t is not leader:
+                    shared[name] = rename(leader.param) if rename else leader.param
     stats = Statistics(entries, meta={"kind": "activations", "passes": len(passes)})
     stats.shared = shared
     return stats
+
+
+def _activation_pass(
+    model: nn.Module,
+    leaders: list[Target],
+    grouped: Iterable[list[Batch]] | list[tuple[int, list[Batch]]],
+    store: str,
+    mask_key: str,
+    sink: Callable[[int, str, _Partial], None],
+    step: Callable[[int], None] | None = None,
+) -> None:
+    """Forward each group of batches, every leader's inputs summed per group; ``sink(group, module,
+    partial)`` gets a layer's partial as soon as its group's last batch has reached it (so with
+    groups of one batch no partial outlives its product), in the order a forward reaches the
+    layers. The forward stops after the last leader. The groups are numbered from 0, or given as
+    (number, batches) pairs."""
+
+    def mask_of(batch: Batch) -> torch.Tensor | None:
+        return batch.get(mask_key) if isinstance(batch, Mapping) else None
+
+    last = leaders[-1]
+    state: dict[str, Any] = {}
+    partials: dict[str, _Partial] = {}
+
+    def hook(target: Target) -> Callable:
+        def on_forward(module: nn.Module, args: tuple, output: Any) -> None:
+            # a layer that runs again in the group's last forward (shared weights) after its
+            # partial was handed on starts another partial, handed on at once as well
+            part = partials.get(target.module) or _Partial(target.d_in, store)
+            part.add(_rows(args[0], state.get("mask")))
+            if state["last"]:
+                sink(state["group"], target.module, part)
+                partials.pop(target.module, None)
+            else:
+                partials[target.module] = part
+            if target is last:
+                raise _StopForward
+
+        return on_forward
+
+    handles = [t.layer.register_forward_hook(hook(t)) for t in leaders]
+    try:
+        with torch.inference_mode():
+            for number, group in enumerate(grouped):
+                if isinstance(group, tuple):
+                    number, group = group
+                state["group"] = number
+                partials.update({t.module: _Partial(t.d_in, store) for t in leaders})
+                for i, batch in enumerate(group):
+                    state["mask"] = mask_of(batch)
+                    state["last"] = i == len(group) - 1
+                    try:
+                        call_model(model, batch)
+                    except _StopForward:
+                        pass
+                    if step:
+                        step(1)
+                for t in leaders:  # a layer the group's last batch did not reach
+                    if t.module in partials:
+                        sink(number, t.module, partials.pop(t.module))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class GivenModel:
+    """A task's model: this module, sent through Ray's object store."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def module(self) -> nn.Module:
+        return self.model
+
+
+@dataclass
+class _ActivationTask:
+    """What an activation task needs besides its batches: the model, each pass's leaders."""
+
+    model: Any
+    passes: list[list[str]]
+    store: str
+    mask_key: str
+
+
+def _activation_task(ctx: _ActivationTask, item: tuple[int, int, list[Batch]]) -> list[tuple[str, _Partial]]:
+    """In a Ray task: one group of batches through one pass; the leaders' partials, in the order
+    the driver folds them (the order this process would have folded them in)."""
+    p, number, group = item
+    model = ctx.model.module()
+    by_name = {t.module: t for t in linear_layers(model)}
+    leaders = [by_name[name] for name in ctx.passes[p]]
+    out: list[tuple[str, _Partial]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        _activation_pass(model, leaders, [(number, group)], ctx.store, ctx.mask_key,
+                         lambda g, name, part: out.append((name, part)))  # fmt: skip
+    finally:
+        model.train(was_training)
+    return out
 
 
 LogProbs = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor | None]]
@@ -315,15 +483,29 @@ def collect_fisher(
     dtype: torch.dtype = torch.float32,
     rename: Callable[[str], str] | None = None,
     progress: Progress | None = None,
+    group_batches: int = 1,
+    executor: str = "thread",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    task_model: Any = None,
 ) -> Statistics:
     """Diagonal Fisher of every trainable parameter (names matched by include/exclude regexes).
 
     F = (1/n) Σ_i g_i², g_i = ∂ log p(y_i | x_i) / ∂θ per example i (``empirical``: y_i the
     label; ``expected``: F = (1/n) Σ_i Σ_y p(y|x_i) (∂ log p(y|x_i)/∂θ)², exact over the classes).
     ``log_probs(model, batch)`` returns (B × C log-probabilities, labels or None).
+
+    The float64 sum Σ_i is taken per group of ``group_batches`` contiguous batches (from zeros,
+    example by example) and the groups' sums are added in group order: the same bytes whether
+    the groups run here or as Ray tasks (``executor="ray"``, ``ray_address``, ``workers``,
+    ``task_model``: as :func:`collect_activation_statistics`). After the first group a group's
+    sums sit beside the total: twice the float64 parameters.
     """
+    from alloykit.engine.ray_passes import check_executor, groups_of, ordered_map
+
     if estimator not in ("empirical", "expected"):
         raise ParameterError(f"estimator = {estimator!r} is not allowed; expected empirical or expected")
+    check_executor(executor, ray_address)
     inc = [re.compile(p) for p in include or []]
     exc = [re.compile(p) for p in exclude or []]
 
@@ -333,36 +515,31 @@ def collect_fisher(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and wanted(n)}
     if not params:
         raise CheckpointError("no trainable parameter matched include/exclude")
-    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    device = next(iter(params.values())).device
+    if executor == "ray" and device.type != "cpu":
+        raise ParameterError(
+            f"executor='ray' runs calibration on the nodes' CPUs; the model is on {device}: drop one of them"
+        )
+    grouped = groups_of(list(batches), group_batches)
+    # in this process: this very module; in Ray tasks: a copy from the object store, or task_model
+    source = task_model if executor == "ray" and task_model is not None else GivenModel(model)
+    context = _FisherTask(source, list(params), log_probs, estimator)
+    sums: dict[str, torch.Tensor] | None = None
     examples = 0
-    was_training = model.training
-    model.eval()
-    names = list(params)
-    tensors = [params[n] for n in names]
-    try:
-        batches = list(batches)
-        for b, batch in enumerate(batches):
-            with torch.enable_grad():
-                logp, labels = log_probs(model, batch)
-                if estimator == "empirical" and labels is None:
-                    raise CheckpointError("the empirical Fisher needs labels: the batch has none")
-                for i in range(logp.shape[0]):
-                    if estimator == "empirical":
-                        terms = [(logp[i, int(labels[i])], 1.0)]
-                    else:
-                        probs = logp[i].detach().exp()
-                        terms = [(logp[i, c], float(probs[c])) for c in range(logp.shape[1])]
-                    for value, weight in terms:
-                        grads = torch.autograd.grad(value, tensors, retain_graph=True, allow_unused=True)
-                        for n, g in zip(names, grads, strict=True):
-                            if g is not None:
-                                sums[n] += weight * g.detach().double().square()
-                    examples += 1
-            if progress:
-                progress("fisher", b + 1, len(batches))
-    finally:
-        model.train(was_training)
-    if examples == 0:
+    done = 0
+    results = ordered_map(_fisher_task, grouped, context, executor=executor, ray_address=ray_address,
+                          workers=workers)  # fmt: skip
+    for group, (part, n) in zip(grouped, results, strict=True):
+        if sums is None:
+            sums = part  # 0 + the first group's sums: those sums, bit for bit
+        else:
+            for name, s in sums.items():
+                s.add_(part[name].to(s.device))
+        examples += n
+        done += len(group)
+        if progress:
+            progress("fisher", done, len(batches))
+    if examples == 0 or sums is None:
         raise CheckpointError("no calibration examples: give at least one labelled batch")
     entries = {
         (rename(n) if rename else n): {
@@ -374,3 +551,44 @@ def collect_fisher(
         for n, s in sums.items()
     }
     return Statistics(entries, meta={"kind": "fisher", "estimator": estimator})
+
+
+@dataclass
+class _FisherTask:
+    model: Any
+    names: list[str]
+    log_probs: LogProbs
+    estimator: str
+
+
+def _fisher_task(ctx: _FisherTask, batches: list[Batch]) -> tuple[dict[str, torch.Tensor], int]:
+    """One group of batches: Σ over its examples of (weighted) squared gradients, from zeros, in
+    float64; and the number of examples."""
+    model = ctx.model.module()
+    named = dict(model.named_parameters())
+    tensors = [named[n] for n in ctx.names]
+    sums = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in zip(ctx.names, tensors, strict=True)}
+    examples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            with torch.enable_grad():
+                logp, labels = ctx.log_probs(model, batch)
+                if ctx.estimator == "empirical" and labels is None:
+                    raise CheckpointError("the empirical Fisher needs labels: the batch has none")
+                for i in range(logp.shape[0]):
+                    if ctx.estimator == "empirical":
+                        terms = [(logp[i, int(labels[i])], 1.0)]
+                    else:
+                        probs = logp[i].detach().exp()
+                        terms = [(logp[i, c], float(probs[c])) for c in range(logp.shape[1])]
+                    for value, weight in terms:
+                        grads = torch.autograd.grad(value, tensors, retain_graph=True, allow_unused=True)
+                        for n, g in zip(ctx.names, grads, strict=True):
+                            if g is not None:
+                                sums[n] += weight * g.detach().double().square()
+                    examples += 1
+    finally:
+        model.train(was_training)
+    return sums, examples

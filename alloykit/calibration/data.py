@@ -189,3 +189,30 @@ def name_map(module_names: Sequence[str], checkpoint_keys: set[str]) -> Callable
         if len(hits) == 1:
             mapping[n] = hits[0]
     return lambda n: mapping.get(n, n)
+
+
+class FolderModel:
+    """How a Ray task gets a Hugging Face model: loaded from ``folder`` (a path every node sees)
+    in the task, once per worker process, and checked against the driver's ``fingerprint`` (a node
+    that sees other files at that path is an error naming it)."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder = str(folder)
+        self.fingerprint = fingerprint
+        self._module: torch.nn.Module | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "fingerprint": self.fingerprint, "_module": None}
+
+    def module(self) -> torch.nn.Module:
+        if self._module is None:
+            module, _, _ = load_hf_model(self.folder)
+            if model_fingerprint(module.state_dict()) != self.fingerprint:
+                import socket
+
+                raise CheckpointError(
+                    f"{self.folder} on node {socket.gethostname()} holds other weights than the driver "
+                    "read there: every node must see the same files at the same path"
+                )
+            self._module = module
+        return self._module

@@ -316,10 +316,25 @@ def calibrate(
     device: Annotated[
         str | None, typer.Option(metavar="DEVICE", help="where the model runs: cpu | cuda | cuda:N")
     ] = None,
+    executor: Annotated[
+        str, typer.Option(metavar="KIND", help="thread (default: this process) or ray (Ray tasks)")
+    ] = "thread",
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Ray tasks in flight (default: the cluster's CPUs)")
+    ] = None,
+    group_batches: Annotated[
+        int,
+        typer.Option(min=1, metavar="N", help="batches per partial sum and Ray task (1: batch by batch)"),
+    ] = 1,
 ) -> None:
     """Run calibration data through MODEL and write the statistics that data-aware methods read
     (input Grams of every linear layer, or the diagonal Fisher). An existing OUTPUT made from the
-    same model, data and settings is reused."""
+    same model, data and settings is reused. With --executor ray the batch groups run as Ray tasks
+    (MODEL and the data must be at the same path on every node); the statistics are the same
+    bytes as without."""
     from alloykit.calibration import calibrate as run
     from alloykit.io import parse_size
 
@@ -332,10 +347,13 @@ def calibrate(
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done)
 
+    if ray_address:
+        executor = "ray"
     with bar:
         stats = run(model, data, kind=kind, samples=samples, batch_size=batch_size, max_length=max_length,
                     seed=seed, include=include, exclude=exclude, max_memory=parse_size(max_memory),
-                    output=output, force=force, progress=report, log=_log, device=device)  # fmt: skip
+                    output=output, force=force, progress=report, log=_log, device=device, executor=executor,
+                    ray_address=ray_address, workers=workers, group_batches=group_batches)  # fmt: skip
     meta = stats.meta
     console.print(
         f"{output}: {len(stats.names())} tensors, {meta.get('samples')} samples"
@@ -590,6 +608,13 @@ def align_merge(
         str | None,
         typer.Option(metavar="DEVICE", help="cpu | cuda | cuda:N | cuda:0,cuda:1 | auto"),
     ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(metavar="KIND", help="thread (default) or ray: statistics pass and merge as Ray tasks"),
+    ] = "thread",
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    ] = None,
 ) -> None:
     """Align MODELS and merge them into OUTPUT (the recipe equivalent: an alignment: block)."""
     import yaml
@@ -611,6 +636,8 @@ def align_merge(
             "alignment": {"model": model, "data": data, "post": post},
             "device": device,
         }
+        if executor != "thread" or ray_address:
+            raw.update(executor="ray" if ray_address else executor, ray_address=ray_address)
         r = recipe_from_dict(raw)
         if output.exists() and not force:
             raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
@@ -664,6 +691,12 @@ def bench_text8(
     resume: Annotated[
         bool, typer.Option("--resume", help="keep the rows of OUT/results.json made with the same settings")
     ] = False,
+    executor: Annotated[
+        str, typer.Option(metavar="KIND", help="thread (default) or ray: every search trial a Ray task")
+    ] = "thread",
+    ray_address: Annotated[
+        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    ] = None,
 ) -> None:
     """Fine-tune (cached), merge with every method, select on validation, report on test."""
     from dataclasses import replace
@@ -686,6 +719,8 @@ def bench_text8(
             log=_log,
             resume=resume,
             on_table=lambda rows: Console().print(summary_table(rows)),
+            executor="ray" if ray_address else executor,
+            ray_address=ray_address,
         )
     except (AlloykitError, ValueError) as e:
         _fail(e)

@@ -15,6 +15,12 @@ evaluated on the test splits. When the only searched parameter declares ``scales
 ``affine``: the search merges at 0 and 1 and interpolates), the
 search merges once and rescales the update for each trial (the final model is still merged with
 the method itself).
+
+``executor="ray"``: each trial (a merge, or a rescale, and a validation pass) is a Ray task; the
+suite (its state dicts and ``evaluate``) travels once through Ray's object store, so it must be
+picklable (cloudpickle: closures are), and statistics files must be on storage every node sees.
+Trials run with the test splits sealed in the task as well, and their scores are taken in the
+sequential search's order: the same trials, the same choice, the same row.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from alloykit.errors import AlloykitError
 from alloykit.evaluation.metrics import mean, normalized
-from alloykit.evaluation.search import SearchResult, select
+from alloykit.evaluation.search import Scored, SearchResult, Trial, select
 from alloykit.evaluation.tasks import Task
 from alloykit.methods.base import Continuous, MergeMethod, SearchSpace, get_method
 
@@ -115,18 +121,28 @@ def reference_rows(suite: Suite) -> tuple[Row, Row]:
     return base, ind
 
 
+def _statistics(suite: Suite, method: MergeMethod) -> list[Any] | None:
+    if method.statistics is None:
+        return None
+    if suite.statistics is None:
+        raise AlloykitError(f"{method.name} needs calibration statistics; this suite provides none")
+    return list(suite.statistics(method.statistics))
+
+
 def _merge(
-    suite: Suite, method: MergeMethod, preset: str | None, params: Mapping[str, Any], workers: int | None
+    suite: Suite,
+    method: MergeMethod,
+    preset: str | None,
+    params: Mapping[str, Any],
+    workers: int | None,
+    stats: list[Any] | None = None,
 ):
     from alloykit.api import merge
 
     models = [suite.finetuned[n] for n in suite.names]
     base = suite.base if method.needs_base else None
-    stats = None
-    if method.statistics is not None:
-        if suite.statistics is None:
-            raise AlloykitError(f"{method.name} needs calibration statistics; this suite provides none")
-        stats = list(suite.statistics(method.statistics))
+    if stats is None:
+        stats = _statistics(suite, method)
     result = merge(
         models, base, method.name, preset=preset, parameters=dict(params), workers=workers, statistics=stats
     )
@@ -146,6 +162,31 @@ def _key(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+@dataclass
+class _TrialRun:
+    """One trial of a search: merge (or rescale a merge made once) and evaluate on validation,
+    with every test split sealed. Picklable, so that a trial may run as a Ray task."""
+
+    suite: Suite
+    method: str
+    preset: str | None
+    workers: int | None
+    statistics: list[Any] | None
+    key: str | None = None  # the one searched parameter that scales the update, if any
+    at_zero: StateDict | None = None
+    at_one: StateDict | None = None
+
+    def __call__(self, params: dict[str, Any]) -> Scored:
+        with self.suite.test_sealed():
+            if self.key is not None:
+                state = _rescaled(self.at_zero, self.at_one, params[self.key])
+            else:
+                method = get_method(self.method)
+                state = _merge(self.suite, method, self.preset, params, self.workers, self.statistics)
+            acc = self.suite.evaluate(state, "validation", self.suite.names)
+        return Scored(mean(acc), acc)
+
+
 def run_method(
     suite: Suite,
     name: str,
@@ -158,12 +199,18 @@ def run_method(
     on_trial: Callable[[str, dict[str, Any], float], None] | None = None,
     space: SearchSpace | None = None,
     label: str | None = None,
+    executor: str = "thread",
+    ray_address: str | None = None,
 ) -> Row:
     """Select ``name``'s declared parameters on validation, then merge and evaluate on test.
 
     ``fixed`` parameters are set, not searched; ``space`` replaces the method's declared search
-    space (a variant, reported as ``label``).
+    space (a variant, reported as ``label``). ``executor="ray"``: each trial is a Ray task (on a
+    local Ray or the cluster at ``ray_address``); the row is the same.
     """
+    from alloykit.engine.ray_passes import check_executor
+
+    check_executor(executor, ray_address)
     method = get_method(name)
     row = Row(label or name, "method", preset=preset)
     t_start = time.perf_counter()
@@ -182,37 +229,40 @@ def run_method(
     space = {k: v for k, v in declared.items() if k not in (fixed or {})}
     single = next(iter(space.values())) if len(space) == 1 else None
     scaled = isinstance(single, Continuous) and (single.scales_update or single.affine)
-    at_one: dict[str, torch.Tensor] | None = None
-    at_zero: StateDict | None = None
     validations: dict[str, dict[str, float]] = {}
 
-    def objective(params: dict[str, Any]) -> float:
-        nonlocal at_one, at_zero
-        if scaled:
-            (key,) = space
-            if at_one is None:
-                at_one = dict(_merge(suite, method, preset, {**params, key: 1.0}, workers))
-                at_zero = (
-                    suite.base
-                    if single.scales_update
-                    else _merge(suite, method, preset, {**params, key: 0.0}, workers)
-                )
-            state = _rescaled(at_zero, at_one, params[key])
-        else:
-            state = _merge(suite, method, preset, params, workers)
-        acc = suite.evaluate(state, "validation", suite.names)
-        validations[_key(params)] = acc
-        score = mean(acc)
+    def record(trial: Trial) -> None:
+        validations[_key(trial.params)] = trial.detail
         if on_trial is not None:
-            on_trial(row.name, params, score)
-        return score
+            on_trial(row.name, trial.params, trial.score)
 
     try:
         with suite.test_sealed():
-            result: SearchResult = select(space, objective, budget=budget, fixed=fixed)
-        at_one = at_zero = None
+            stats = _statistics(suite, method)
+            if executor == "ray":  # what travels: files by path, no statistics provider
+                from alloykit.calibration.statistics import StatisticsFile
+
+                stats = [str(s.path) if isinstance(s, StatisticsFile) else s for s in stats or []] or None
+                trial_suite = replace(suite, statistics=None)
+            else:
+                trial_suite = suite
+            trial = _TrialRun(trial_suite, method.name, preset, workers, stats)
+            if scaled:  # merged once (twice: affine), rescaled for each trial
+                (key,) = space
+                trial.key = key
+                trial.at_one = dict(
+                    _merge(suite, method, preset, {**(fixed or {}), key: 1.0}, workers, stats)
+                )
+                trial.at_zero = (
+                    suite.base
+                    if single.scales_update
+                    else _merge(suite, method, preset, {**(fixed or {}), key: 0.0}, workers, stats)
+                )
+            result: SearchResult = select(space, trial, budget=budget, fixed=fixed, on_trial=record,
+                                          executor=executor, ray_address=ray_address)  # fmt: skip
+        del trial
         t0 = time.perf_counter()
-        merged = _merge(suite, method, preset, result.params, workers)
+        merged = _merge(suite, method, preset, result.params, workers, stats)
         row.merge_seconds = time.perf_counter() - t0
         row.test = suite.evaluate(merged, "test", suite.names)
     except Exception as e:  # one failing method must not end a long benchmark run
