@@ -303,3 +303,58 @@ def test_extract_lora_refuses_what_it_cannot_do(llama, tmp_path):
     with pytest.raises(MismatchError, match="does not differ from the base"):
         extract_lora(llama["base"], llama["base"], tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_merge_with_lora_output_writes_an_adapter_that_reproduces_the_dense_merge(llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from alloykit.cli.main import app
+
+    base_model = transformers.LlamaForCausalLM.from_pretrained(llama["base"]).eval()
+    _low_rank_finetune(base_model, tmp_path / "ft1", seed=5)
+    _low_rank_finetune(base_model, tmp_path / "ft2", seed=6, norm_shift=0.3)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "method": "task_arithmetic",
+                "base_model": str(llama["base"]),
+                "models": [{"model": str(tmp_path / "ft1")}, {"model": str(tmp_path / "ft2")}],
+                "parameters": {"lambda": 0.5},
+            }
+        )
+    )
+    out = tmp_path / "adapter"
+    args = ["merge", str(recipe), "-o", str(out), "--output-format", "lora", "--lora-rank", "6", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    # two rank-3 updates summed: rank 6 holds them exactly
+    assert summary["lora"]["modules"] == 4 and summary["lora"]["ranks"] == [6, 6]
+    assert summary["lora"]["max_relative_error"] < 1e-5 and summary["lora"]["modules_to_save"] == [
+        "model.norm"
+    ]
+    assert summary["output"] == str(out) and (out / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if "alloykit-dense" in p.name] == []  # the dense merge is gone
+    dense = alloykit.merge(
+        [str(tmp_path / "ft1"), str(tmp_path / "ft2")],
+        str(llama["base"]),
+        "task_arithmetic",
+        parameters={"lambda": 0.5},
+    ).state_dict
+    loaded = peft.PeftModel.from_pretrained(base_model, out).merge_and_unload()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, dense[k], rtol=0, atol=1e-5, msg=k)
+    # without a base model there is no adapter to write
+    recipe.write_text(
+        json.dumps(
+            {
+                "method": "linear",
+                "models": [{"model": str(tmp_path / "ft1")}, {"model": str(tmp_path / "ft2")}],
+            }
+        )
+    )
+    res = CliRunner().invoke(
+        app, ["merge", str(recipe), "-o", str(tmp_path / "x"), "--output-format", "lora"]
+    )
+    assert res.exit_code != 0 and "needs a base_model folder" in " ".join(res.output.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -178,6 +179,21 @@ def merge(
     ray_address: Annotated[
         str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
     ] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FORMAT", help="dense (default) or lora: the merge minus the base as a PEFT adapter"
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(min=1, metavar="R", help="--output-format lora: rank of every module")
+    ] = None,
+    lora_energy: Annotated[
+        float | None,
+        typer.Option(
+            metavar="F", help="--output-format lora: per module, the rank keeping this share of ‖Δ‖²"
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -185,9 +201,23 @@ def merge(
     from alloykit.api import merge as run_merge
     from alloykit.recipe import load_recipe
 
+    lora_export = None
+    dense_tmp: Path | None = None
     try:
         r = load_recipe(recipe)
         kwargs = r.merge_kwargs()
+        fmt = output_format or r.output.format
+        if fmt not in ("dense", "lora"):
+            raise AlloykitError(f"--output-format {fmt!r}: expected dense or lora")
+        dense_output = output
+        if fmt == "lora":
+            if not isinstance(kwargs.get("base_model"), str):
+                raise AlloykitError(
+                    "--output-format lora writes the merge minus its base model: the recipe needs a "
+                    "base_model folder"
+                )
+            # the dense merge goes to a hidden folder beside the output, removed afterwards
+            dense_output = dense_tmp = output.parent / f".{output.name}.alloykit-dense-{os.getpid()}"
         if shard_size:
             kwargs["shard_size"] = shard_size
         if keys:
@@ -220,8 +250,8 @@ def merge(
         with stop_on_signals(), bar:
             result = run_merge(
                 **kwargs,
-                output=output,
-                force=force,
+                output=dense_output if not dry_run else output,
+                force=force or fmt == "lora",
                 dry_run=dry_run,
                 workers=workers,
                 max_memory=max_memory,
@@ -233,9 +263,17 @@ def merge(
                 protect=[recipe],
                 device_fallback=device_fallback,
             )
+            if fmt == "lora" and not dry_run:
+                lora_export = _dense_to_lora(
+                    dense_output, kwargs["base_model"], output, r, lora_rank, lora_energy, force
+                )
+                result.output = lora_export.output
     except (AlloykitError, ValueError) as e:
         _fail(e)
         return
+    finally:
+        if dense_tmp is not None:
+            shutil.rmtree(dense_tmp, ignore_errors=True)
     plan = result.plan
     n_workers = workers or min(4, __import__("os").cpu_count() or 1)
     from alloykit.io import parse_size
@@ -255,6 +293,15 @@ def merge(
         "estimated_peak_bytes_beyond_baseline": est,
         "warnings": plan.warnings + (result.report.warnings if result.report else []),
     }
+    if lora_export is not None:
+        ranks = [m["rank"] for m in lora_export.modules.values()]
+        summary["lora"] = {
+            "modules": len(ranks),
+            "ranks": [min(ranks), max(ranks)] if ranks else [],
+            "max_relative_error": max((m["relative_error"] for m in lora_export.modules.values()), default=0.0),
+            "modules_to_save": lora_export.saved,
+            "dropped": lora_export.dropped,
+        }
     if result.report is not None:
         warned = summary["warnings"]  # (the report's own "warnings" must not replace the plan's)
         summary.update({"output": str(result.output), **result.report.as_dict(), "warnings": warned})
@@ -284,9 +331,30 @@ def merge(
             t.add_row(f"ray node {node}", f"{jobs} jobs, worker peak RSS {_gib(peak)}")
         for label, rel in rep.relative_delta_norm.items():
             t.add_row(f"‖θ−θ₀‖/‖θ₀‖ {label}", f"{rel:.4f}")
+    if "lora" in summary:
+        lo = summary["lora"]
+        t.add_row(
+            "LoRA adapter",
+            f"{lo['modules']} modules, rank {'–'.join(map(str, sorted(set(lo['ranks']))))}, largest relative "
+            f"error {lo['max_relative_error']:.2e}; {len(lo['modules_to_save'])} saved whole, "
+            f"{len(lo['dropped'])} dropped",
+        )
     for w in summary["warnings"]:
         t.add_row("warning", w)
     Console().print(t)
+
+
+def _dense_to_lora(
+    dense: Path, base: str, output: Path, r: Any, rank: int | None, energy: float | None, force: bool
+):
+    """--output-format lora: the dense merge minus the base, as a PEFT adapter in OUTPUT."""
+    from alloykit.io.lora_export import extract_lora
+
+    energy = energy if energy is not None else r.output.lora_energy
+    rank = rank if rank is not None else r.output.lora_rank
+    if energy is None:
+        return extract_lora(dense, base, output, rank=rank or 16, force=force)
+    return extract_lora(dense, base, output, rank=None, energy=energy, max_rank=rank, force=force)
 
 
 @app.command()

@@ -58,6 +58,10 @@ class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     shard_size: str | int = "5GB"
     copy_files_from: str | None = None
+    # dense (a model folder) or lora (the merge minus the base as a PEFT adapter, CLI merge)
+    format: Literal["dense", "lora"] = "dense"
+    lora_rank: int | None = Field(default=None, ge=1)  # lora: rank of every module (default 16)
+    lora_energy: float | None = Field(default=None, gt=0, le=1)  # lora: else this share of ‖Δ‖²
 
 
 class AlignmentOptions(BaseModel):
