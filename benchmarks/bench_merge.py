@@ -22,68 +22,58 @@ Examples::
     python benchmarks/bench_merge.py                          # 1.1 B (TinyLlama shape)
     python benchmarks/bench_merge.py --methods linear,ties --workers 1,2,4
     python benchmarks/bench_merge.py --size tiny --profile --methods ties_paper
+    python benchmarks/bench_merge.py --size 7b --plan           # what the 7B shape needs; no data
 
 Inputs are warmed into the page cache before measuring (``--cold`` evicts them before every run
 instead, with ``posix_fadvise(DONTNEED)``); the fraction of input pages resident at the start of
 each run is measured with ``mincore`` and printed.
+
+``--plan`` prints what a size needs (parameters, shards, disk) and generates nothing, e.g.
+``--size 7b --plan`` before committing 40 GB of disk to the Llama-2-7B shape.
+
+Modules: ``_models.py`` (sizes, shapes, the seeded generator), ``_measure.py`` (page cache, child
+processes, RSS), ``_table.py`` (the table); ``bench_vs_mergekit.py`` runs mergekit 0.1.5 and
+alloykit side by side on the same checkpoints and recipes.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import fcntl
-import hashlib
 import json
 import os
-import re
-import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# --------------------------------------------------------------------------- model shapes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside this file
 
-SIZES: dict[str, dict[str, Any]] = {
-    # TinyLlama-1.1B: 1,100,048,384 parameters.
-    "1.1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "vocab_size": 32000,
-        "shard_size": "2GB",
-    },
-    # ~19 M parameters; small shards so that the sharded code paths still run.
-    # MiniLM-sized (all-MiniLM-L6-v2: 6 layers × 384, FFN 1536, vocab 30522; ~22 M parameters),
-    # in the Llama layout the generator writes.
-    "minilm": {
-        "hidden_size": 384,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 12,
-        "vocab_size": 30522,
-        "shard_size": "2GB",
-    },
-    "tiny": {
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "vocab_size": 32000,
-        "shard_size": "16MB",
-    },
-}
-MODELS = ("base", "ft1", "ft2")
-INIT_STD = 0.02  # base weights ~ N(0, 0.02²), norms = 1
-NOISE_STD = 0.001  # fine-tune = base + N(0, 0.001²): ‖τ‖/‖θ₀‖ ≈ 5 %
-GEN_VERSION = 1  # bump when the generated data changes
+from _measure import (
+    alloykit_version,
+    cached_fraction,
+    evict,
+    exclusive,
+    measure_here,
+    run_child,
+    shard_files,
+    warm,
+)
+from _models import (
+    MODELS,
+    SIZES,
+    describe_plan,
+    generate,
+    generate_in_child,
+    llama_config,
+    llama_tensors,
+    n_params,
+    natural_key,
+)
+from _models import plan as plan_size
+from _table import RSS_TARGET, gib, print_merge_table
+
+__all__ = ["MODELS", "RSS_TARGET", "SIZES", "TARGETS", "VARIANTS", "main"]
 
 # --------------------------------------------------------------------------- methods
 
@@ -96,7 +86,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Paper preset: whole-model top-k (2 radix-select passes); the model-wide sign majority is
     # summed in the merge pass. _approx: the 1-pass bucket-edge threshold.
     "ties_paper": {"method": "ties", "base": True, "preset": "paper"},
-    "ties_approx": {"method": "ties", "base": True, "preset": "paper", "parameters": {"threshold": "approximate"}},
+    "ties_approx": {
+        "method": "ties",
+        "base": True,
+        "preset": "paper",
+        "parameters": {"threshold": "approximate"},
+    },
     # mergekit preset: per-tensor exact top-k (argsort). Its default density is 1.0 (no trim at
     # all), so density 0.2 is given to make it trim, like the paper preset's default.
     "ties_mergekit": {"method": "ties", "base": True, "preset": "mergekit", "parameters": {"density": 0.2}},
@@ -122,224 +117,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 ALIASES = {"ties": ["ties_paper", "ties_mergekit"]}
 TARGETS = {"linear": 2.0, "ties": 3.0}  # ratio to the floor
-RSS_TARGET = 1.5 * 2**30
-
-GiB = 2**30
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def llama_config(size: str) -> dict[str, Any]:
-    s = SIZES[size]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": s["hidden_size"],
-        "intermediate_size": s["intermediate_size"],
-        "num_hidden_layers": s["num_hidden_layers"],
-        "num_attention_heads": s["num_attention_heads"],
-        "num_key_value_heads": s["num_key_value_heads"],
-        "vocab_size": s["vocab_size"],
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "initializer_range": INIT_STD,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "use_cache": True,
-        "torch_dtype": "bfloat16",
-    }
-
-
-def llama_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a Hugging Face LlamaForCausalLM state dict, in its order."""
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        out += [
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)),
-            (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return out
-
-
-def n_params(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
-    total = 0
-    for _, shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def _seed(*parts: object) -> int:
-    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _tensor(name: str, shape: tuple[int, ...], model: str):
-    import torch
-
-    g = torch.Generator().manual_seed(_seed("base", name))
-    if len(shape) == 1:  # RMSNorm weights
-        base = torch.ones(shape)
-    else:
-        base = torch.randn(shape, generator=g).mul_(INIT_STD)
-    if model != "base":
-        g.manual_seed(_seed(model, name))
-        base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD)
-    return base.to(torch.bfloat16)
-
-
-def _shards(shapes: list[tuple[str, tuple[int, ...]]], max_bytes: int) -> list[list[int]]:
-    shards: list[list[int]] = [[]]
-    used = 0
-    for k, (_, shape) in enumerate(shapes):
-        nbytes = 2 * n_params([("", shape)])
-        if shards[-1] and used + nbytes > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(k)
-        used += nbytes
-    return shards
-
-
-def generate(root: Path, size: str, shard_size: str, log) -> None:
-    """Write (or reuse) base, ft1, ft2 under ``root`` (runs in a child process, so that the
-    driver stays small: a child's ru_maxrss starts at its parent's RSS)."""
-    from safetensors.torch import save_file
-
-    from alloykit.io import parse_size
-
-    shard_bytes = parse_size(shard_size)
-
-    cfg = llama_config(size)
-    shapes = llama_tensors(cfg)
-    stamp = {
-        "version": GEN_VERSION,
-        "config": cfg,
-        "shard_bytes": shard_bytes,
-        "init_std": INIT_STD,
-        "noise_std": NOISE_STD,
-    }
-    for model in MODELS:
-        folder = root / model
-        marker = folder / ".bench-complete.json"
-        if marker.is_file() and json.loads(marker.read_text()) == stamp:
-            log(f"reusing {folder}")
-            continue
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        t0 = time.perf_counter()
-        shards = _shards(shapes, shard_bytes)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for s, members in enumerate(shards):
-            fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for k in members:
-                name, shape = shapes[k]
-                tensors[name] = _tensor(name, shape, model)
-                weight_map[name] = fname
-                total += tensors[name].nbytes
-            save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-            del tensors
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        marker.write_text(json.dumps(stamp))
-        log(
-            f"generated {folder}: {len(shards)} shards, {total / 1e9:.2f} GB in "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
-
-
-# --------------------------------------------------------------------------- page cache
-
-
-def _shard_files(folders: list[Path]) -> list[Path]:
-    return [p for f in folders for p in sorted(f.glob("*.safetensors"))]
-
-
-def cached_fraction(files: list[Path]) -> float | None:
-    """Fraction of the files' pages resident in the page cache (``mincore``); None if unknown."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        page = os.sysconf("SC_PAGE_SIZE")
-        resident = total = 0
-        for path in files:
-            size = path.stat().st_size
-            if size == 0:
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-                if addr is None or addr == ctypes.c_void_p(-1).value:
-                    return None
-                pages = (size + page - 1) // page
-                vec = (ctypes.c_ubyte * pages)()
-                rc = libc.mincore(addr, size, vec)
-                libc.munmap(addr, size)
-                if rc != 0:
-                    return None
-                raw = bytes(vec)
-                resident += pages - raw.count(0)  # low bit set = resident; other bits reserved
-                total += pages
-            finally:
-                os.close(fd)
-        return resident / total if total else None
-    except (OSError, AttributeError):
-        return None
-
-
-def evict(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def warm(files: list[Path]) -> None:
-    buf = bytearray(64 << 20)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
 
 
 # --------------------------------------------------------------------------- one measurement
@@ -353,7 +130,7 @@ def _floor(job: dict[str, Any]) -> dict[str, Any]:
 
     readers = [open_checkpoint(p) for p in job["inputs"]]
     keep = readers[0]  # the tensor written: the base's (3-input floor) or the first fine-tune's
-    names = sorted(keep.keys(), key=_natural_key)
+    names = sorted(keep.keys(), key=natural_key)
     metas = [keep.meta(n) for n in names]
     max_bytes = parse_size(job["max_memory"]) if job.get("max_memory") else None
     executor = make_executor(job["workers"], max_bytes)
@@ -426,19 +203,9 @@ def _merge(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _vm_hwm() -> int | None:
-    """This process's own RSS high-water mark (VmHWM, per address space: unlike ru_maxrss it
-    does not start at the parent's RSS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def child(job: dict[str, Any]) -> None:
+    """One measurement in this fresh interpreter: ``bench_merge.py --child JSON``; prints one
+    ``BENCH-RESULT`` JSON line (the data generator prints nothing)."""
     if job["variant"] == "generate":
         generate(
             Path(job["root"]),
@@ -447,107 +214,10 @@ def child(job: dict[str, Any]) -> None:
             lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True),
         )
         return
-    import cProfile
-    import io
-    import pstats
-
-    import torch  # imported before timing: not part of the measurement
-
-    import alloykit  # noqa: F401
-
-    # The engine may set its own intra-op thread count for the run (cores // workers); record the
-    # count in effect during the run, not only the one the process started with.
-    job["torch_threads"] = torch.get_num_threads()
-    set_threads = torch.set_num_threads
-
-    def spy(n: int) -> None:
-        if "threads_set" not in job:
-            job["threads_set"] = n
-        set_threads(n)
-
-    torch.set_num_threads = spy
-
-    fn = _floor if job["variant"].startswith("floor") else _merge
-    prof = cProfile.Profile() if job.get("profile") else None
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    if prof:
-        prof.enable()
-    out = fn(job)
-    if prof:
-        prof.disable()
-    out["seconds"] = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    out["user_seconds"] = ru1.ru_utime - ru0.ru_utime
-    out["sys_seconds"] = ru1.ru_stime - ru0.ru_stime
-    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out["vm_hwm"] = _vm_hwm()
-    out["torch_threads"] = job.get("threads_set", job["torch_threads"])
-    if prof:
-        prof.dump_stats(job["profile"])
-        text = io.StringIO()
-        stats = pstats.Stats(prof, stream=text).strip_dirs()
-        stats.sort_stats("tottime").print_stats(25)
-        stats.sort_stats("cumulative").print_stats(30)
-        out["profile_text"] = text.getvalue()
-    print("BENCH-RESULT " + json.dumps(out), flush=True)
+    measure_here(_floor if job["variant"].startswith("floor") else _merge, job)
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def alloykit_version() -> dict[str, Any]:
-    """Which alloykit was measured: git HEAD, whether alloykit/ has uncommitted changes, and a
-    digest of its sources (the working tree is what runs, committed or not)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("alloykit")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    pkg = Path(next(iter(spec.submodule_search_locations)))
-    h = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        h.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes())
-    out: dict[str, Any] = {"path": str(pkg), "sources_sha256": h.hexdigest()[:12]}
-
-    def git(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(pkg.parent), *a], capture_output=True, text=True)
-
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode == 0:
-        out["git_head"] = head.stdout.strip()
-        out["dirty"] = git("diff", "--quiet", "HEAD", "--", str(pkg)).returncode != 0
-    return out
-
-
-def exclusive(workdir: Path, log):
-    """Hold a lock on the work folder: two benchmark runs at once share 2 cores and make each
-    other's timings meaningless, so a second run waits for the first."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    f = open(workdir / ".bench.lock", "w")  # held for the process lifetime
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"another benchmark holds {workdir}/.bench.lock; waiting for it to finish")
-        fcntl.flock(f, fcntl.LOCK_EX)
-    return f
-
-
-def run_child(job: dict[str, Any], timeout: float | None, torch_threads: int | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)]
-    env = dict(os.environ)
-    if torch_threads:
-        # Every thread's OpenMP team size (worker threads do not inherit set_num_threads).
-        env.update(OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{job['variant']} failed (exit {proc.returncode}):\n{proc.stderr}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT "))
-    out = json.loads(line.removeprefix("BENCH-RESULT "))
-    out["process_seconds"] = wall
-    return out
 
 
 def expand_methods(text: str) -> list[str]:
@@ -568,72 +238,6 @@ def parse_workers(text: str) -> list[int | None]:
         w = w.strip()
         out.append(None if w in ("", "auto") else int(w))
     return out
-
-
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f}"
-
-
-def print_table(rows: list[dict[str, Any]], footnotes: list[str], title: str) -> None:
-    headers = [
-        "method",
-        "workers",
-        "threads",
-        "wall s",
-        "× floor",
-        "target",
-        "cpu s (usr+sys)",
-        "peak RSS GiB (report)",
-        "ru_maxrss GiB",
-        "VmHWM GiB",
-        "baseline GiB",
-        "read GB/s",
-        "passes",
-        "in cache",
-    ]
-    body = []
-    for r in rows:
-        target = r.get("target")
-        ratio = r.get("ratio")
-        verdict = "-"
-        if target is not None and ratio is not None:
-            verdict = f"≤{target:g}× " + ("ok" if ratio <= target else "MISS")
-        body.append(
-            [
-                r["label"],
-                str(r["workers"]),
-                str(r.get("torch_threads", "-")),
-                f"{r['seconds']:.2f}",
-                f"{ratio:.2f}" if ratio is not None else "-",
-                verdict,
-                f"{r['user_seconds']:.1f}+{r['sys_seconds']:.1f}" if "user_seconds" in r else "-",
-                _gib(r["peak_rss"]) + ("" if r["peak_rss"] <= RSS_TARGET else " !"),
-                _gib(r["ru_maxrss"]) + ("" if r["ru_maxrss"] <= RSS_TARGET else " !"),
-                _gib(r.get("vm_hwm")) + ("" if (r.get("vm_hwm") or 0) <= RSS_TARGET else " !"),
-                _gib(r["baseline_rss"]),
-                f"{r['bytes_read'] / r['seconds'] / 1e9:.2f}",
-                str(r.get("reduction_passes", 0)),
-                "-" if r["cached"] is None else f"{r['cached']:.0%}",
-            ]
-        )
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain text
-        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-        print(title)
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-        for b in body:
-            print("  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)))
-        for f in footnotes:
-            print(f)
-        return
-    table = Table(title=title, caption="\n".join(footnotes), caption_justify="left")
-    for h in headers:
-        table.add_column(h, justify="left" if h in ("method", "target") else "right")
-    for b in body:
-        table.add_row(*b)
-    Console(width=200).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shard-size",
         default=None,
-        help="input and output shard size (default: 2GB for 1.1b, 16MB for tiny)",
+        help="input and output shard size (default: 16MB for tiny, 2GB for the others)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is reported")
     ap.add_argument(
@@ -675,11 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the size's parameter count, shards and the disk it needs (and has); generate "
+        "and run nothing",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child is not None:
         child(json.loads(args.child))
+        return 0
+    if args.plan:
+        print(describe_plan(plan_size(args.size, args.shard_size, args.workdir / args.size)))
         return 0
 
     def log(msg: str) -> None:
@@ -700,16 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The driver never imports torch and never holds tensors: children inherit its RSS as the
     # starting value of their ru_maxrss.
-    gen = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        json.dumps({"variant": "generate", "root": str(root), "size": args.size, "shard_size": shard_size}),
-    ]
-    subprocess.run(gen, check=True)
+    generate_in_child(root, args.size, shard_size, log)
     folders = {m: root / m for m in MODELS}
     inputs = [str(folders[m]) for m in MODELS]
-    all_files = _shard_files([folders[m] for m in MODELS])
+    all_files = shard_files([folders[m] for m in MODELS])
     out_root = root / "outputs"
     if out_root.exists():  # leftovers of an interrupted run (temporary folders included)
         shutil.rmtree(out_root)
@@ -737,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         uses_base = variant == "floor_3in" or (variant in VARIANTS and VARIANTS[variant]["base"])
         # merges always get [base, ft1, ft2] (and pass the base only if the method uses one)
         job_inputs = inputs if uses_base or variant in VARIANTS else inputs[1:]
-        read_files = _shard_files([folders[m] for m in (MODELS if uses_base else MODELS[1:])])
+        read_files = shard_files([folders[m] for m in (MODELS if uses_base else MODELS[1:])])
         best = None
         for rep in range(args.repeat if not args.profile else 1):
             output = out_root / f"out-{variant}-w{w}"
@@ -761,12 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"run {variant} workers={w or 'auto'} #{rep + 1} "
                 f"(inputs {'?' if cached is None else f'{cached:.0%}'} in page cache)"
             )
-            r = run_child(job, args.timeout, args.torch_threads)
+            r = run_child(__file__, job, args.timeout, args.torch_threads)
             shutil.rmtree(output, ignore_errors=True)
             r.update(variant=variant, cached=cached, load_before=load, load_after=os.getloadavg()[0])
             log(
-                f"  {r['seconds']:.2f} s, peak RSS {_gib(r['peak_rss'])} GiB, ru_maxrss "
-                f"{_gib(r['ru_maxrss'])} GiB, VmHWM {_gib(r.get('vm_hwm'))} GiB"
+                f"  {r['seconds']:.2f} s, peak RSS {gib(r['peak_rss'])} GiB, ru_maxrss "
+                f"{gib(r['ru_maxrss'])} GiB, VmHWM {gib(r.get('vm_hwm'))} GiB"
             )
             if args.profile:
                 print(f"\n===== cProfile: {variant} (workers=1) =====\n{r['profile_text']}")
@@ -832,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu s is the child's own user+sys time, which contention inflates less).",
     ]
     workers_txt = ",".join("auto" if w is None else str(w) for w in workers_list)
-    print_table(results, notes, f"alloykit merge benchmark ({args.size}, workers {workers_txt})")
+    print_merge_table(results, notes, f"alloykit merge benchmark ({args.size}, workers {workers_txt})")
     if args.json:
         args.json.write_text(
             json.dumps(
