@@ -98,6 +98,11 @@ def cluster(size: str, method: str, workdir: Path) -> None:
             rep = res.report
             rows.append((executor, wall, rep.peak_rss, rep.nodes, rep.worker_peak_rss))
         floor = rows[0][1]
+        same = all(
+            (workdir / "out-thread" / f.name).read_bytes() == f.read_bytes()
+            for f in sorted((workdir / "out-ray").glob("*.safetensors"))
+        )
+        print(f"output shards byte-identical between the executors: {'yes' if same else 'NO'}")
         print("| executor | wall s | × thread | driver peak RSS GiB | jobs per node | worker peak RSS GiB |")
         print("|---|---:|---:|---:|---|---|")
         for ex, wall, rss, nodes, peaks in rows:

@@ -134,3 +134,19 @@ def test_approximate_threshold_takes_one_pass_and_changes_only_the_entries_near_
     params = {"topk": "model", "zero_sign": "model_majority"}
     assert passes({**params, "threshold": "approximate"}) == 1
     assert passes({**params, "threshold": "exact"}) == 2
+
+
+def test_the_plan_counts_the_whole_tensor_sort_of_the_exact_per_tensor_trim(tmp_path):
+    base, fts = _models(torch.float32, 0.0)
+    paths = [save_folder(f, tmp_path / f"ft{i}") for i, f in enumerate(fts)]
+    b = save_folder(base, tmp_path / "base")
+    costs = {}
+    for density in (1.0, 0.5):
+        params = {"density": density}
+        res = merge(paths, b, "ties", tmp_path / "o", preset="mergekit", parameters=params, dry_run=True)
+        costs[density] = {j.name: j.cost for j in res.plan.jobs if j.merge}
+    # per element: the inputs' bytes + (k + 1) float32 copies × (1 + factor): factor 4 → 10 with the sort
+    for name in costs[1.0]:
+        extra = costs[0.5][name] - costs[1.0][name]
+        numel = base[name].numel()
+        assert extra == (len(fts) + 1) * 4 * (10 - 4) * numel, name

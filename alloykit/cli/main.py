@@ -298,7 +298,9 @@ def merge(
         summary["lora"] = {
             "modules": len(ranks),
             "ranks": [min(ranks), max(ranks)] if ranks else [],
-            "max_relative_error": max((m["relative_error"] for m in lora_export.modules.values()), default=0.0),
+            "max_relative_error": max(
+                (m["relative_error"] for m in lora_export.modules.values()), default=0.0
+            ),
             "modules_to_save": lora_export.saved,
             "dropped": lora_export.dropped,
         }

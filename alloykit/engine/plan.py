@@ -304,7 +304,9 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             )
             readers_used = len(holders)
             k = len(sources)
-            per_elem = (k + 1) * compute.itemsize * (1 + method.memory_factor)
+            factor = method.memory_factor
+            factor = factor(params) if callable(factor) else factor
+            per_elem = (k + 1) * compute.itemsize * (1 + factor)
             split = method.is_elementwise(params) and not aligned
         else:
             params = {}

@@ -236,8 +236,9 @@ class MergeMethod:
     reduction: Reduction | None = None
     min_models: int = 1
     max_models: int | None = None
-    # Working float32 copies of one input tensor the method holds at once, per model (planning).
-    memory_factor: float = 3.0
+    # Working float32 copies of one input tensor the method holds at once, per model (planning);
+    # or a function of the resolved parameters (e.g. more when a whole-tensor sort runs).
+    memory_factor: float | Callable[[dict[str, Any]], float] = 3.0
     # Whether, with these parameters, each output entry depends only on the same entry of the
     # inputs (so the engine may stream the tensor in slices). True, False, or a function of the
     # resolved parameters.
@@ -398,7 +399,7 @@ def merge_method(
     reduction: Reduction | None = None,
     min_models: int = 1,
     max_models: int | None = None,
-    memory_factor: float = 3.0,
+    memory_factor: float | Callable[[dict[str, Any]], float] = 3.0,
     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
     search: SearchSpace | None = None,
     ignores: Callable[[dict[str, Any]], dict[str, str]] | None = None,

@@ -88,6 +88,13 @@ def _defer_zero_sums(
     ctx.defer(elected.sum().to(torch.float64), index, alternatives)
 
 
+def _memory_factor(params: dict[str, Any]) -> float:
+    """Working copies per input: 4; the exact per-tensor top-k (mergekit) argsorts the whole
+    tensor, holding int64 indices (2 float32 copies) and the sort's own buffers besides."""
+    sorts = params["topk"] == "tensor" and params["topk_rule"] == "exact"
+    return 10.0 if sorts and any(d < 1 for d in params["density"]) else 4.0
+
+
 def _ignored(params: dict[str, Any]) -> dict[str, str]:
     out = topk_rule_ignored(params)
     if params["topk"] != "model" and params["threshold"] != "exact":
@@ -170,7 +177,7 @@ MERGEKIT = {
     reduction=ModelTopK(
         elected_sign=_elected, fuse_sign=True, approximate=lambda p: p["threshold"] == "approximate"
     ),
-    memory_factor=4.0,
+    memory_factor=_memory_factor,
     elementwise=trims_elementwise,
     ignores=_ignored,
 )
