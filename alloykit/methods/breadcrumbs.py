@@ -126,6 +126,12 @@ _DOC = """
     """
 
 
+def _memory_factor(params: dict[str, Any]) -> float:
+    """Working copies per input: the masks sort |τ| (the whole tensor, or top-k per row), holding
+    int64 indices and the sort's buffers beside the float32 copies: ~8 while any density < 1."""
+    return 8.0 if any(d < 1 for d in params["density"]) or any(g > 0 for g in params["gamma"]) else 4.0
+
+
 @merge_method(
     "breadcrumbs",
     search=scale_search(4),
@@ -133,7 +139,7 @@ _DOC = """
     needs_base=True,
     presets={"paper": {}, "mergekit": MERGEKIT},
     default_preset="paper",
-    memory_factor=4.0,
+    memory_factor=_memory_factor,
     elementwise=_elementwise,
 )
 def breadcrumbs(
@@ -166,7 +172,7 @@ def breadcrumbs(
     needs_base=True,
     presets={"paper": {}, "mergekit": MERGEKIT},
     default_preset="paper",
-    memory_factor=4.0,
+    memory_factor=_memory_factor,
     elementwise=_elementwise,
 )
 def breadcrumbs_ties(
