@@ -148,6 +148,12 @@ PAPER: dict[str, Any] = {}
 MERGEKIT = {"density": 1.0, "epsilon": 0.15, "rescale": "l1", "magprune": "mergekit"}
 
 
+def _memory_factor(params: dict[str, Any]) -> float:
+    """Working copies per input: 5; the magnitude ranks (two argsorts per row, int64 indices and
+    the sort's buffers) take ~5 more while any density < 1."""
+    return 10.0 if any(d < 1 for d in params["density"]) else 5.0
+
+
 @merge_method(
     "della",
     search=scale_search(8),
@@ -155,7 +161,7 @@ MERGEKIT = {"density": 1.0, "epsilon": 0.15, "rescale": "l1", "magprune": "merge
     needs_base=True,
     presets={"paper": PAPER, "mergekit": MERGEKIT},
     default_preset="paper",
-    memory_factor=5.0,
+    memory_factor=_memory_factor,
     elementwise=_elementwise("della"),
 )
 def della(
@@ -190,7 +196,7 @@ def della(
     needs_base=True,
     presets={"paper": PAPER, "mergekit": {**MERGEKIT, "aggregate": "sum"}},
     default_preset="paper",
-    memory_factor=5.0,
+    memory_factor=_memory_factor,
     elementwise=_elementwise("della_linear"),
 )
 def della_linear(
