@@ -113,7 +113,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "breadcrumbs": {"method": "breadcrumbs", "base": True},
     "della": {"method": "della", "base": True},
     "model_stock": {"method": "model_stock", "base": True},
-    "slerp": {"method": "slerp", "base": True},
+    # SLERP interpolates the base and one fine-tune.
+    "slerp": {"method": "slerp", "base": True, "models": 1},
 }
 ALIASES = {"ties": ["ties_paper", "ties_mergekit"]}
 TARGETS = {"linear": 2.0, "ties": 3.0}  # ratio to the floor
@@ -175,7 +176,7 @@ def _merge(job: dict[str, Any]) -> dict[str, Any]:
 
     v = VARIANTS[job["variant"]]
     base = job["inputs"][0] if v["base"] else None
-    models = job["inputs"][1:]
+    models = job["inputs"][1:][: v.get("models")]
     result = alloykit.merge(
         models,
         base,
