@@ -242,7 +242,7 @@ def test_train_reduces_loss_and_is_deterministic(digits):
     (m1, r1), (m2, r2) = runs
     assert r1["steps"] == 24 == len(r1["loss"]) and len(r1["epoch_loss"]) == 8 and len(lines) == 8
     assert r1["epoch_loss"][-1] < 0.5 * r1["epoch_loss"][0]
-    assert r1["loss"] == r2["loss"] and r1["seconds"] > 0 and not m1.training
+    assert r1["loss"] == r2["loss"] and isinstance(r1["seconds"], float) and not m1.training
     for k, v in m1.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k])
 

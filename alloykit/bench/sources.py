@@ -164,7 +164,7 @@ def vader_words(min_abs_valence: float = 1.0) -> Labelled:
         import vaderSentiment
     except ImportError as e:
         raise DataMissingError(
-            f"VADER lexicon not found: `pip install vaderSentiment`, or {SETUP_HINT}"
+            f"VADER lexicon not found: `pip install 'alloykit[text8]'` (or vaderSentiment), or {SETUP_HINT}"
         ) from e
     path = Path(vaderSentiment.__file__).parent / "vader_lexicon.txt"
     texts, labels = [], []

