@@ -21,6 +21,11 @@ from rich.table import Table
 
 from alloykit.errors import AlloykitError
 
+# --ray-address, shared by every command that can run on Ray
+RayAddress = Annotated[
+    str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -176,9 +181,7 @@ def merge(
     executor: Annotated[
         str | None, typer.Option(metavar="KIND", help="thread (default) or ray (overrides recipe)")
     ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
-    ] = None,
+    ray_address: RayAddress = None,
     output_format: Annotated[
         str | None,
         typer.Option(
@@ -389,9 +392,7 @@ def calibrate(
     executor: Annotated[
         str, typer.Option(metavar="KIND", help="thread (default: this process) or ray (Ray tasks)")
     ] = "thread",
-    ray_address: Annotated[
-        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
-    ] = None,
+    ray_address: RayAddress = None,
     workers: Annotated[
         int | None, typer.Option(min=1, metavar="N", help="Ray tasks in flight (default: the cluster's CPUs)")
     ] = None,
@@ -682,9 +683,7 @@ def align_merge(
         str,
         typer.Option(metavar="KIND", help="thread (default) or ray: statistics pass and merge as Ray tasks"),
     ] = "thread",
-    ray_address: Annotated[
-        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
-    ] = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Align MODELS and merge them into OUTPUT (the recipe equivalent: an alignment: block)."""
     import yaml
@@ -764,9 +763,7 @@ def bench_text8(
     executor: Annotated[
         str, typer.Option(metavar="KIND", help="thread (default) or ray: every search trial a Ray task")
     ] = "thread",
-    ray_address: Annotated[
-        str | None, typer.Option(metavar="ADDR", help="a running Ray cluster (default: start a local one)")
-    ] = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Fine-tune (cached), merge with every method, select on validation, report on test."""
     from dataclasses import replace

@@ -174,16 +174,15 @@ def _stack(
     return models, {"positions": positions, "base": base_rows or None}
 
 
-def check_layer_ranges(models: list[tuple[str, list[str]]], layers: int) -> None:
-    """The slices covered layers 0 … ``layers``: raises unless every model has exactly that many
-    (then the recipe is a plain merge; otherwise the caller uses the layer stack)."""
+def layer_mismatch(models: list[tuple[str, list[str]]], layers: int) -> str | None:
+    """The slices covered layers 0 … ``layers``: None when every model has exactly that many (a
+    plain merge), else what differs (the recipe is then a layer stack)."""
     for label, keys in models:
         n = count_layers(keys)
         if n != layers:
-            raise RecipeError(
-                f"mergekit recipe: the slices cover layers 0–{layers} but {Path(label).name or label} "
-                f"has {n} layers"
-            )
+            name = Path(label).name or label
+            return f"mergekit recipe: the slices cover layers 0–{layers} but {name} has {n} layers"
+    return None
 
 
 def open_stacks(layer_stack: dict[str, Any], base: str | None) -> tuple[list[Any], Any]:

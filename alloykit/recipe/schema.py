@@ -232,12 +232,11 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
                 row[0] = _resolve_path(row[0], folder)
     if recipe.slice_layers is not None:
         # slices over whole models are a plain merge; over part of them, a layer stack
-        try:
-            _check_slices(recipe)
+        mismatch = _slice_mismatch(recipe)
+        if mismatch is None:
             recipe.layer_stack = None
-        except RecipeError:
-            if recipe.layer_stack is None:
-                raise
+        elif recipe.layer_stack is None:
+            raise RecipeError(mismatch)
     if recipe.alignment is not None:
         recipe.alignment.groups = _resolve_path(recipe.alignment.groups, folder)
         data = recipe.alignment.data
@@ -246,11 +245,12 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
     return recipe
 
 
-def _check_slices(recipe: Recipe) -> None:
-    """Every checkpoint of a slices: recipe has the layers its slices cover (adapters: their base)."""
+def _slice_mismatch(recipe: Recipe) -> str | None:
+    """None when every checkpoint of a slices: recipe has the layers its slices cover (adapters:
+    their base), else what differs."""
     from alloykit.io.lora import is_adapter
     from alloykit.io.readers import open_checkpoint
-    from alloykit.recipe.mergekit_slices import check_layer_ranges
+    from alloykit.recipe.mergekit_slices import layer_mismatch
 
     found = []
     for path in [m.model for m in recipe.models] + ([recipe.base_model] if recipe.base_model else []):
@@ -258,7 +258,7 @@ def _check_slices(recipe: Recipe) -> None:
         if is_adapter(on):
             continue
         found.append((on, open_checkpoint(on, on).keys()))
-    check_layer_ranges(found, recipe.slice_layers)
+    return layer_mismatch(found, recipe.slice_layers)
 
 
 def load_recipe(path: str | Path) -> Recipe:
