@@ -33,6 +33,9 @@ class MergeResult:
     output: Path | None = None
     state_dict: dict[str, torch.Tensor] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # models whose vocabularies differ: the output tokenizer's source, tokens, rows and the
+    # token-indexed tensors read in its order
+    vocabulary: dict[str, Any] | None = None
 
 
 def _label(src: Source, i: int) -> str:
@@ -229,6 +232,7 @@ def merge(
     ray_address: str | None = None,
     notes: Sequence[str] = (),
     chat_template: str | None = None,
+    tokenizer: str | Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -243,6 +247,10 @@ def merge(
     ``notes``: warnings from reading the recipe, reported with the plan's.
     ``chat_template``: the output's chat template: ``auto`` (the one most input models carry), a
     name (chatml, llama3, alpaca, mistral) or a Jinja template (:mod:`alloykit.io.chat_template`).
+    ``tokenizer``: for models whose vocabularies differ, the output tokenizer: ``base``, ``union``
+    or a model folder (or a mapping ``{source, tokens, pad_to_multiple_of}``, mergekit's
+    ``tokenizer:``); embedding and head rows are then read in its token order
+    (:mod:`alloykit.io.vocabulary`), and it is written with the output.
     ``statistics``: per model, its calibration statistics (a file from ``alloykit calibrate``,
     a :class:`~alloykit.calibration.Statistics`, or a dict ``{tensor: {"gram": G, "tokens": N}}``
     / ``{tensor: X}`` of raw layer inputs), for methods that read them (ESM, RegMean, Fisher).
@@ -300,6 +308,9 @@ def merge(
     )
     if post not in ("none", "bn_reset", "repair"):
         raise ParameterError(f"post = {post!r} is not allowed; expected none, bn_reset or repair")
+    vocabulary = None
+    if tokenizer is not None:
+        vocabulary = _map_vocabularies(spec, tokenizer)
     chat = None
     if chat_template is not None:
         from alloykit.io.chat_template import resolve_chat_template
@@ -335,7 +346,7 @@ def merge(
     spec.alignment = alignment
     plan = plan_merge(spec)
     plan.warnings[:0] = [*notes, *input_warnings]  # notes: from reading the recipe
-    result = MergeResult(plan=plan)
+    result = MergeResult(plan=plan, vocabulary=vocabulary.summary() if vocabulary is not None else None)
     max_bytes = parse_size(max_memory) if max_memory is not None else None
     check_memory_budget(plan, max_bytes)
     companion = (spec.base if spec.base is not None else spec.models[0]).folder
@@ -394,22 +405,50 @@ def merge(
         result.report = run_plan(plan, writer, **run)
         result.report.warnings += _same_content_warnings(spec, result.report)
         result.provenance = provenance(plan, result.report, started, recipe)
-        _write_records(writer, result, spec, recipe, companion, chat)
+        _write_records(writer, result, spec, recipe, companion, chat, vocabulary)
         result.output = writer.commit()
     return result
 
 
+def _map_vocabularies(spec: MergeSpec, tokenizer: str | Mapping[str, Any]) -> Any:
+    """Wrap the spec's readers so that their embedding and head rows follow one vocabulary."""
+    from alloykit.io.vocabulary import TokenizerSpec, align_vocabularies
+
+    options = {"source": tokenizer} if isinstance(tokenizer, str | os.PathLike) else dict(tokenizer)
+    unknown = set(options) - {"source", "tokens", "pad_to_multiple_of", "base"}
+    if unknown:
+        raise ParameterError(
+            f"tokenizer: unknown keys {sorted(unknown)}; expected source, tokens, pad_to_multiple_of"
+        )
+    options["source"] = str(options.get("source") or "union")
+    spec.models, spec.base, vocabulary = align_vocabularies(
+        TokenizerSpec(**options), spec.models, spec.base, spec.compute_dtype
+    )
+    return vocabulary
+
+
 def _write_records(
-    writer: StreamingWriter, result: MergeResult, spec: MergeSpec, recipe, companion, chat: str | None = None
+    writer: StreamingWriter,
+    result: MergeResult,
+    spec: MergeSpec,
+    recipe,
+    companion,
+    chat: str | None = None,
+    vocabulary: Any = None,
 ) -> None:
-    """Beside the tensors: the base's config and tokenizer files, the provenance, the recipe and a
-    model card (README.md) that says how the model was made."""
+    """Beside the tensors: the base's config and tokenizer files (or the tokenizer built for
+    models whose vocabularies differ), the provenance, the recipe and a model card (README.md)
+    that says how the model was made."""
     from alloykit.io.model_card import model_card
 
-    copied = writer.copy_companions(companion, spec.out_dtype)
+    copied = writer.copy_companions(companion, spec.out_dtype, tokenizer=vocabulary is None)
     layout = getattr(spec.base if spec.base is not None else spec.models[0], "config_updates", None)
     if layout and "config.json" in copied:  # a layer stack: its number of layers
         writer.update_json("config.json", layout)
+    if vocabulary is not None:
+        from alloykit.io.vocabulary import save_vocabulary
+
+        save_vocabulary(vocabulary, writer, "config.json" in copied)
     if chat is not None:
         from alloykit.io.chat_template import write_chat_template
 

@@ -186,6 +186,7 @@ def test_vocabularies_that_differ_say_what_to_do_and_excluding_the_embeddings_me
         "'lm_head.weight' has different shapes" in text or "'model.embed_tokens.weight' has different" in text
     )
     assert "vocabularies differ (96 vs 98 tokens)" in text and "exclude: [embed, lm_head]" in text
+    assert "tokenizer: {source: union}" in text and "--tokenizer-source union" in text
     recipe = _recipe(tmp_path, base, fts, exclude=["embed", "lm_head"])
     res = runner.invoke(app, ["merge", recipe, "-o", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output

@@ -125,8 +125,8 @@ def test_cli_errors_are_clear_and_exit_2(toy):
         ({"merge_method": "ties", "slices": []}, r"'slices:' must be a non-empty list"),
         ({"merge_method": "ties", "models": [{"model": "org/m@v1"}]}, r"revisions are not supported"),
         (
-            {"merge_method": "ties", "tokenizer_source": "union", "models": [{"model": "a"}]},
-            r"tokenizer_source 'union'",
+            {"merge_method": "ties", "tokenizer": {"source": "union", "pad": 8}, "models": [{"model": "a"}]},
+            r"tokenizer: unknown keys \['pad'\]",
         ),
         (["not", "a", "mapping"], r"mapping at the top level"),
     ],

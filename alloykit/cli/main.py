@@ -197,6 +197,14 @@ def merge(
             metavar="F", help="--output-format lora: per module, the rank keeping this share of ‖Δ‖²"
         ),
     ] = None,
+    tokenizer_source: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SOURCE",
+            help="vocabularies that differ: the output tokenizer, base | union | a model folder "
+            "(overrides recipe)",
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (atomically: nothing appears unless it succeeds)."""
     import yaml
@@ -232,6 +240,8 @@ def merge(
         if ray_address:
             kwargs["ray_address"] = ray_address
             kwargs.setdefault("executor", "ray")
+        if tokenizer_source:
+            kwargs["tokenizer"] = {**(kwargs.get("tokenizer") or {}), "source": tokenizer_source}
         raw = yaml.safe_load(recipe.read_text())
         if not dry_run and output.exists() and not force:
             raise AlloykitError(f"output folder {output} exists; pass --force to replace it")
@@ -296,6 +306,8 @@ def merge(
         "estimated_peak_bytes_beyond_baseline": est,
         "warnings": plan.warnings + (result.report.warnings if result.report else []),
     }
+    if result.vocabulary is not None:
+        summary["vocabulary"] = result.vocabulary
     if lora_export is not None:
         ranks = [m["rank"] for m in lora_export.modules.values()]
         summary["lora"] = {
@@ -336,6 +348,14 @@ def merge(
             t.add_row(f"ray node {node}", f"{jobs} jobs, worker peak RSS {_gib(peak)}")
         for label, rel in rep.relative_delta_norm.items():
             t.add_row(f"‖θ−θ₀‖/‖θ₀‖ {label}", f"{rel:.4f}")
+    if "vocabulary" in summary:
+        vo = summary["vocabulary"]
+        t.add_row(
+            "vocabulary",
+            f"{vo['tokens']} tokens ({vo['source']}), {vo['rows']} rows in {len(vo['tensors'])} tensors; "
+            f"rows of tokens some model lacks: {vo['from_one_model']} from one model, "
+            f"{vo['mean_of_models']} means, {vo['zeros']} zeros",
+        )
     if "lora" in summary:
         lo = summary["lora"]
         t.add_row(

@@ -178,9 +178,10 @@ def _different_shapes(name: str, metas: dict[int, TensorMeta], readers: list[Che
     if _VOCABULARY.search(name) and len(rows) > 1 and len(rest) == 1:
         message += (
             f": the models' vocabularies differ ({' vs '.join(str(r) for r in sorted(rows))} tokens). "
-            "alloykit does not map tokens between vocabularies yet (mergekit's tokenizer_source: union); "
-            "merge models that share a tokenizer, or exclude the embedding and head tensors (recipe "
-            "exclude: [embed, lm_head]) to take them from the base, whose tokenizer is copied"
+            "give the output's tokenizer to map their rows into one vocabulary: recipe tokenizer: "
+            "{source: union} (or base, or a model folder; mergekit recipes: tokenizer_source), "
+            "--tokenizer-source union, or tokenizer='union' in the API; or exclude the embedding and "
+            "head (exclude: [embed, lm_head]) to take them from the base, whose tokenizer is copied"
         )
     return message
 

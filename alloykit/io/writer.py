@@ -49,6 +49,21 @@ COMPANION_FILES = (
     "preprocessor_config.json",
 )
 
+# what a tokenizer consists of (the chat template is the tokenizer's too)
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+    }
+)
+
 
 def validate_companions(folder: Path | None) -> list[str]:
     """Parse every JSON companion file in ``folder`` now, before any tensor is read, so that a
@@ -368,18 +383,23 @@ class StreamingWriter:
         except OSError as e:
             raise OutputError(describe_os_error(e, self.out_dir / relative)) from None
 
-    def copy_companions(self, folder: Path | None, out_dtype: torch.dtype | None = None) -> list[str]:
-        """Copy config/tokenizer/generation files from ``folder``; record the output dtype."""
+    def copy_companions(
+        self, folder: Path | None, out_dtype: torch.dtype | None = None, tokenizer: bool = True
+    ) -> list[str]:
+        """Copy config/tokenizer/generation files from ``folder`` (``tokenizer=False``: not the
+        tokenizer's, when another tokenizer is written); record the output dtype."""
         if folder is None:
             return []
         try:
-            return self._copy_companions(Path(folder), out_dtype)
+            return self._copy_companions(Path(folder), out_dtype, tokenizer)
         except OSError as e:
             raise OutputError(describe_os_error(e, e.filename or self.tmp_dir)) from None
 
-    def _copy_companions(self, folder: Path, out_dtype: torch.dtype | None) -> list[str]:
+    def _copy_companions(self, folder: Path, out_dtype: torch.dtype | None, tokenizer: bool) -> list[str]:
         copied: list[str] = []
         for name in COMPANION_FILES:
+            if not tokenizer and name in TOKENIZER_FILES:
+                continue
             src = Path(folder) / name
             if not src.is_file():
                 continue

@@ -135,17 +135,7 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
 
         name = data.get("merge_method")
         data, slice_layers, layer_stack = slices_to_models(data, base_is_input=name in _BASE_IS_INPUT)
-    if data.get("tokenizer") is not None:
-        raise RecipeError(
-            "mergekit recipe: 'tokenizer:' is not supported yet (alloykit copies the base model's "
-            "tokenizer files)"
-        )
-    tok = data.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise RecipeError(
-            f"mergekit recipe: tokenizer_source {tok!r} is not supported yet; "
-            "only 'base' (alloykit copies the base model's tokenizer files)"
-        )
+    tokenizer = _tokenizer(data)
     name = data["merge_method"]
     if name not in METHODS:
         raise RecipeError(f"mergekit method {name!r} is not supported yet; supported: {', '.join(METHODS)}")
@@ -181,9 +171,45 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         "out_dtype": out_dtype,
         "source_format": "mergekit",
         "chat_template": data.get("chat_template"),
+        **({"tokenizer": {**tokenizer, "base": base if base_is_input else None}} if tokenizer else {}),
         **({"slice_layers": slice_layers} if slice_layers is not None else {}),
         **({"layer_stack": layer_stack} if layer_stack is not None else {}),
     }
+
+
+def _tokenizer(data: dict[str, Any]) -> dict[str, Any] | None:
+    """mergekit's ``tokenizer_source`` (``base``, ``union`` or a model) or ``tokenizer:`` block
+    (``source``, ``tokens``, ``pad_to_multiple_of``; it wins over ``tokenizer_source``, as in
+    mergekit) as alloykit's ``tokenizer:`` options."""
+    block = data.get("tokenizer")
+    if block is not None:
+        if not isinstance(block, dict):
+            raise RecipeError(f"mergekit recipe: tokenizer: expected a mapping, got {block!r}")
+        unknown = set(block) - {"source", "tokens", "pad_to_multiple_of"}
+        if unknown:
+            raise RecipeError(f"mergekit recipe: tokenizer: unknown keys {sorted(unknown)}")
+        out = {"source": block.get("source", "union")}
+        tokens = {}
+        for token, entry in (block.get("tokens") or {}).items():
+            entry = dict(entry or {})
+            src = entry.get("source")
+            if isinstance(src, dict) and "kind" not in src and "model" in src:
+                src = src["model"]  # a model reference written as a mapping
+            if isinstance(src, dict) and src.get("kind") == "model_token":
+                src = {**src, "model": _local(src.get("model"), f"tokenizer tokens {token!r}")}
+            elif src is not None and not isinstance(src, dict):
+                src = _local(src, f"tokenizer tokens {token!r}")
+            tokens[token] = {"source": src, "force": bool(entry.get("force", False))}
+        out["tokens"] = tokens
+        if block.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    elif data.get("tokenizer_source") is not None:
+        out = {"source": data["tokenizer_source"]}
+    else:
+        return None
+    if out["source"] not in ("base", "union"):
+        out["source"] = _local(out["source"], "tokenizer source")
+    return out
 
 
 def _require(name: str, params: dict[str, Any], models: list[dict[str, Any]]) -> None:

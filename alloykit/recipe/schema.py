@@ -20,6 +20,7 @@ An alloykit recipe::
     device: cuda             # where tensors are merged (default cpu; --device overrides)
     executor: ray            # merge jobs (and an alignment's statistics pass) as Ray tasks
     ray_address: head:6379   # a running Ray cluster (default: a local one)
+    tokenizer: {source: union}  # vocabularies that differ: base | union | a model folder
 
 Models trained separately (``method: activation_matching``, ``zipit``, ``mudsc_zip``, ...) add::
 
@@ -81,6 +82,20 @@ class AlignmentOptions(BaseModel):
     post: Literal["none", "bn_reset", "repair"] = "none"
 
 
+class TokenizerOptions(BaseModel):
+    """Models whose vocabularies differ (mergekit's ``tokenizer_source`` / ``tokenizer:``): the
+    output tokenizer (``base``, ``union`` or a model folder) and, per token, where its embedding and
+    head rows come from (:mod:`alloykit.io.vocabulary`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    # the model whose tokenizer is the base when the recipe's base model is one more input
+    # (mergekit's linear with base_model); set by the mergekit translation
+    base: str | None = None
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
@@ -111,6 +126,8 @@ class Recipe(BaseModel):
     layer_stack: dict[str, Any] | None = None
     # The output's chat template: auto, a name (chatml, llama3, alpaca, mistral) or Jinja.
     chat_template: str | None = None
+    # One vocabulary for models whose tokenizers differ (base, union or a model folder).
+    tokenizer: TokenizerOptions | None = None
     # Warnings from reading the recipe (e.g. mergekit parameters the method does not use).
     notes: list[str] = Field(default_factory=list)
 
@@ -160,6 +177,7 @@ class Recipe(BaseModel):
             copy_files_from=self.output.copy_files_from,
             notes=list(self.notes),
             chat_template=self.chat_template,
+            tokenizer=self.tokenizer.model_dump() if self.tokenizer is not None else None,
         )
 
 
@@ -225,6 +243,17 @@ def recipe_from_dict(data: Any, folder: Path | None = None) -> Recipe:
         m.model = _resolve_path(m.model, folder)
         m.statistics = _resolve_path(m.statistics, folder)
     recipe.output.copy_files_from = _resolve_path(recipe.output.copy_files_from, folder)
+    if recipe.tokenizer is not None:
+        tok = recipe.tokenizer
+        if tok.source not in ("base", "union"):
+            tok.source = _resolve_path(tok.source, folder)
+        tok.base = _resolve_path(tok.base, folder)
+        for entry in tok.tokens.values():
+            src = (entry or {}).get("source")
+            if isinstance(src, str):
+                entry["source"] = _resolve_path(src, folder)
+            elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                src["model"] = _resolve_path(src["model"], folder)
     if recipe.layer_stack is not None:
         stack = recipe.layer_stack
         for rows in [*stack["positions"], stack["base"] or []]:
