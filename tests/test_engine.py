@@ -298,3 +298,38 @@ def test_outsized_jobs_do_not_run_together_without_a_memory_bound(tmp_path):
         assert peak["big"] == 1 and peak["all"] >= 2
     finally:
         REGISTRY.pop("hold_for_test", None)
+
+
+def test_a_free_worker_takes_a_later_job_that_fits_while_an_outsized_one_waits() -> None:
+    """Budget 11 bytes, two workers: the second outsized job (10) cannot start beside the first
+    (10), but the small jobs behind it can; the budget is never exceeded and every result comes
+    back under its own position."""
+    import threading
+
+    from alloykit.engine.executor import ThreadExecutor, in_plan_order
+
+    costs = {"big1": 10, "big2": 10, "small1": 1, "small2": 1}
+    small_started = threading.Event()
+    lock = threading.Lock()
+    in_flight, peak, seen = [0], [0], {}
+
+    def job(name: str) -> str:
+        with lock:
+            in_flight[0] += costs[name]
+            peak[0] = max(peak[0], in_flight[0])
+        if name.startswith("small"):
+            small_started.set()
+        if name == "big1":
+            # with jobs started strictly in plan order, no small job could start now (a guard
+            # against a hang, not a timing measurement)
+            seen["small ran beside big1"] = small_started.wait(timeout=30)
+        with lock:
+            in_flight[0] -= costs[name]
+        return name.upper()
+
+    items = [(name, cost) for name, cost in costs.items()]
+    results = list(ThreadExecutor(workers=2, max_bytes=11).run(job, items))
+    assert seen["small ran beside big1"] is True
+    assert peak[0] <= 11
+    assert sorted(results) == [(0, "BIG1"), (1, "BIG2"), (2, "SMALL1"), (3, "SMALL2")]
+    assert list(in_plan_order(iter(results))) == ["BIG1", "BIG2", "SMALL1", "SMALL2"]

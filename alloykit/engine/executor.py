@@ -34,6 +34,21 @@ class Executor(Protocol):
         ...
 
 
+# How far past the first waiting job a free worker may look for one that fits the budget. Results
+# are folded in plan order, so the outcomes of jobs started early wait for the slower one: they
+# are small (a merged tensor is written by its job), and the window bounds how many wait.
+LOOKAHEAD = 256
+
+
+def _released(fn: Callable[[T], Any], item: T, budget: ByteBudget, cost: int) -> Any:
+    """``fn(item)``, its bytes returned to the budget before its result is (a done-callback would
+    run after the waiting scheduler wakes, which would then see them still in flight)."""
+    try:
+        return fn(item)
+    finally:
+        budget.release(cost)
+
+
 class ThreadExecutor:
     """A thread pool whose jobs in flight stay under a byte budget. torch releases the GIL in
     its kernels and reads/writes are ``pread``/``pwrite``, so threads overlap I/O and compute.
@@ -48,26 +63,49 @@ class ThreadExecutor:
 
     def run(self, fn: Callable[[T], Any], items: Iterable[tuple[T, int]]) -> Iterator[tuple[int, Any]]:
         budget = ByteBudget(self.max_bytes)
+        queue = list(items)
+        started = [False] * len(queue)
+        head = 0  # the first job not started yet
         pending: dict[Future, int] = {}
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="alloykit")
         try:
-            for position, (item, cost) in enumerate(items):
-                while len(pending) >= self.workers or (
-                    pending and budget.capacity is not None and budget.in_flight + cost > budget.capacity
-                ):
+            while head < len(queue) or pending:
+                while len(pending) < self.workers:
+                    position = self._next(queue, started, head, budget, bool(pending))
+                    if position is None:
+                        break
+                    item, cost = queue[position]
+                    started[position] = True
+                    budget.acquire(cost)
+                    pending[pool.submit(_released, fn, item, budget, cost)] = position
+                    while head < len(queue) and started[head]:
+                        head += 1
+                if pending:
                     yield from self._collect(pending)
-                budget.acquire(cost)
-                fut = pool.submit(fn, item)
-                fut.add_done_callback(lambda _f, c=cost: budget.release(c))
-                pending[fut] = position
-            while pending:
-                yield from self._collect(pending)
         except BaseException:
             # Do not wait for running jobs (an SVD can take minutes): the caller cleans up and
             # leaves; the threads finish in the background and their results are dropped.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+
+    @staticmethod
+    def _next(
+        queue: list[tuple[Any, int]], started: list[bool], head: int, budget: ByteBudget, busy: bool
+    ) -> int | None:
+        """The next job to start: the first in plan order when it fits the budget (or nothing
+        runs); else a later one that fits, within ``LOOKAHEAD`` positions, so that a worker does
+        not idle while an outsized job waits for another to finish (an embedding-sized SVD job
+        waiting for the LM head's); else None (wait for a job to finish)."""
+        if head >= len(queue):
+            return None
+        if not busy or budget.capacity is None:
+            return head
+        room = budget.capacity - budget.in_flight
+        for position in range(head, min(len(queue), head + LOOKAHEAD)):
+            if not started[position] and queue[position][1] <= room:
+                return position
+        return None
 
     @staticmethod
     def _collect(pending: dict[Future, int]) -> Iterator[tuple[int, Any]]:

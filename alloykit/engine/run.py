@@ -137,6 +137,22 @@ class _DigestList(list):
         self.append(slice_digest(index, job, raw))
 
 
+def _squared_norms(xs: list[torch.Tensor], base: torch.Tensor) -> tuple[list[float], float]:
+    """(‖x − base‖² for each x, ‖base‖²), in float32 slices of 2²⁰ elements: a whole-tensor job
+    (an embedding under an SVD method) then holds no tensor-sized temporaries for its report."""
+    flat_b = base.reshape(-1)
+    flats = [x.reshape(-1) for x in xs]
+    deltas = [0.0] * len(xs)
+    base_sq = 0.0
+    step = 1 << 20
+    for i in range(0, flat_b.numel(), step):
+        b = flat_b[i : i + step].float()
+        base_sq += float(b.square().sum())
+        for k, x in enumerate(flats):
+            deltas[k] += float((x[i : i + step].float() - b).square().sum())
+    return deltas, base_sq
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     # NaN and ±Inf make the sum non-finite; only when it is (or it overflowed) do we look entry
     # by entry.
@@ -459,9 +475,8 @@ class JobRunner:
                         # The same-base check looks at the first slice of every tensor only: enough
                         # to tell a fine-tune from an unrelated model, at a fraction of the cost.
                         return merged.to(job.out.dtype), [], 0.0, same
-                    b = b0.float()
-                    deltas = [float((x.float() - b).square().sum()) for x in xs]
-                    return merged.to(job.out.dtype), deltas, float(b.square().sum()), same
+                    deltas, base_sq = _squared_norms(xs, b0)
+                    return merged.to(job.out.dtype), deltas, base_sq, same
 
                 ((result, out.deltas, out.base_sq, out.same), out.deferred), out.on_host = self._run_on(
                     job, self.devices[d], compute

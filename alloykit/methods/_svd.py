@@ -114,11 +114,12 @@ def merge_tensor(
     b = base.to(wd)
     rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
     if summed and rule != "mean" and base.numel():
-        total, changed = None, False
+        total, changed, d = None, False, None
         for t in tensors:
             d = t.to(wd) - b
             changed = changed or bool(d.any())
             total = d if total is None else total.add_(d)
+        del d  # (the last task vector would otherwise stay alive through the decomposition)
         if not changed:
             return base.clone()
         update = merge_matrix([total.reshape(base.shape[0], -1)]).reshape(base.shape)
