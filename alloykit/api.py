@@ -233,6 +233,7 @@ def merge(
     notes: Sequence[str] = (),
     chat_template: str | None = None,
     tokenizer: str | Mapping[str, Any] | None = None,
+    group_batches: int = 1,
 ) -> MergeResult:
     """Merge ``models`` (paths, state dicts or modules) with ``method``.
 
@@ -272,7 +273,8 @@ def merge(
     ``executor``: ``thread`` (default: jobs in this process) or ``ray`` (jobs as Ray tasks on a
     local or running cluster, ``ray_address``; inputs and the output folder must be on storage
     every node sees). The bytes written are the same. An aligner's statistics pass runs as Ray
-    tasks too (one per batch, summed on the driver in batch order: the same bytes).
+    tasks too (one per ``group_batches`` batches, summed on the driver in batch order: the same
+    bytes for any executor and number of workers; the grouping itself changes the last bits).
 
     Everything is checked before the first tensor is read: inputs (headers, companion JSON
     files), parameters, the memory budget and the output location; the output never is,
@@ -335,6 +337,7 @@ def merge(
             executor,
             ray_address,
             workers,
+            group_batches,
         )
     elif post != "none" or alignment is not None:
         from alloykit.alignment.pipeline import batches_of, template_module
@@ -500,9 +503,10 @@ def _align(
     executor: str = "thread",
     ray_address: str | None = None,
     workers: int | None = None,
+    group_batches: int = 1,
 ):
     """Run the method's aligner on the models (read whole: these are models one can run); with
-    ``executor="ray"`` its statistics pass runs as Ray tasks too."""
+    ``executor="ray"`` its statistics pass runs as Ray tasks too (one per ``group_batches``)."""
     from alloykit.alignment.pipeline import prepare_alignment
 
     if model is None:
@@ -530,6 +534,7 @@ def _align(
         executor=executor,
         ray_address=ray_address,
         workers=workers,
+        group_batches=group_batches,
     )
 
 

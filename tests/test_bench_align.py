@@ -234,3 +234,40 @@ def test_groups_file_stands_in_for_tracing(tmp_path, two_mlps):
     Path(tmp_path / "broken.json").write_text('{"group": []}')
     with pytest.raises(AlloykitError, match="is not a group table"):
         load_groups(tmp_path / "broken.json")
+
+
+def test_recipe_alignment_group_batches_reaches_the_statistics_pass(tmp_path, two_mlps, monkeypatch):
+    """``alignment: {group_batches: N}``: the statistics pass sums N batches per group (per Ray
+    task with executor: ray), as merge(group_batches=N) does; 0 is refused."""
+    import alloykit.alignment.pipeline as pipeline
+    from alloykit.recipe import recipe_from_dict
+
+    (a, b), data = two_mlps
+    seen = []
+    real = pipeline.collect_activation_statistics
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("group_batches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "collect_activation_statistics", spy)
+    block = {"model": FACTORY, "data": str(data), "group_batches": 3}
+    r = recipe_from_dict(
+        {
+            "method": "activation_matching",
+            "models": [{"model": str(a)}, {"model": str(b)}],
+            "alignment": block,
+        }
+    )
+    via_recipe = alloykit.merge(**r.merge_kwargs()).state_dict
+    batches = [v for _, v in sorted(load_file(data).items())]
+    direct = alloykit.merge(
+        [str(a), str(b)], method="activation_matching", model=small_mlp, data=batches, group_batches=3
+    ).state_dict
+    assert seen == [3, 3]
+    for k in direct:
+        assert torch.equal(via_recipe[k], direct[k]), k
+    with pytest.raises(AlloykitError, match="alignment.group_batches"):
+        recipe_from_dict(
+            {"method": "zipit", "models": [{"model": str(a)}], "alignment": {**block, "group_batches": 0}}
+        )

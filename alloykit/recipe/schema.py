@@ -76,6 +76,8 @@ class AlignmentOptions(BaseModel):
     data: str | None = None
     samples: int = Field(default=1000, ge=1)  # images taken from a benchmark dataset
     batch_size: int = Field(default=250, ge=1)
+    # batches per Ray task of the statistics pass (executor: ray); sums are folded in batch order
+    group_batches: int = Field(default=1, ge=1)
     groups: str | None = None  # a group table (JSON) to use instead of tracing
     exclude_groups: list[str] = Field(default_factory=list)
     self_check: bool = True
@@ -145,6 +147,7 @@ class Recipe(BaseModel):
                 exclude_groups=a.exclude_groups,
                 self_check=a.self_check,
                 post=a.post,
+                group_batches=a.group_batches,
             )
         models: list[Any] = [m.model for m in self.models]
         base: Any = self.base_model
