@@ -395,3 +395,34 @@ def test_dry_run_plans_the_output_rows(family: dict[str, Any]) -> None:
     result = alloykit.merge(**recipe.merge_kwargs(), dry_run=True)
     shapes = {m.name: m.shape for m in result.plan.outputs}
     assert shapes["lm_head.weight"] == (73, 16) and result.vocabulary["tokens"] == 73
+
+
+def test_a_lora_adapter_takes_its_base_models_vocabulary(family: dict[str, Any], tmp_path: Path) -> None:
+    """An adapter folder has no config or tokenizer: its rows are its base's, in the base's
+    token order; merged with a model that adds tokens, it gives what its dense weights give."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    p = family["paths"]
+    base = LlamaForCausalLM.from_pretrained(p["base"])
+    torch.manual_seed(4)
+    adapted = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for n, w in adapted.named_parameters():
+            if "lora_" in n:
+                w.normal_(0, 0.05)
+    adapted.save_pretrained(tmp_path / "adapter")
+    dense = tmp_path / "dense"
+    adapted.merge_and_unload().save_pretrained(dense)
+    _save_tokenizer(BASE_TOKENS, dense)
+    results = {}
+    for name, model in (("adapter", str(tmp_path / "adapter")), ("dense", str(dense))):
+        data = _recipe(p, tokenizer_source="union")
+        data["models"] = [{"model": model, "parameters": {"weight": 0.5}}, data["models"][1]]
+        results[name] = _by_token(_run(data, tmp_path / f"out-{name}"))
+    (va, ta, na), (vd, td, nd) = results["adapter"], results["dense"]
+    assert va == vd and na == nd == 70
+    for name in td:
+        torch.testing.assert_close(ta[name], td[name], rtol=0, atol=2e-6)

@@ -258,7 +258,9 @@ def build_vocabulary(spec: TokenizerSpec, readers: list[CheckpointReader], base:
     anchor = base if base is not None else 0
     sizes = []
     for r in readers:
-        size = config_vocab_size(r.folder)
+        # a LoRA adapter's folder has no config: the vocabulary is its base model's
+        on = getattr(r, "base", None)
+        size = config_vocab_size(r.folder) or config_vocab_size(getattr(on, "folder", None))
         sizes.append(size)
     loaded: dict[int, Any] = {}
     for i, r in enumerate(readers):
