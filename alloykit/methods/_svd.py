@@ -107,9 +107,10 @@ def merge_tensor(
 ) -> torch.Tensor:
     """θ_0 + α · update, with the update chosen by tensor class (see the module docstring).
 
-    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update;
-    with ``summed`` it is given their sum alone, accumulated one task vector at a time (Iso-C:
-    an embedding-sized matrix then never has T task vectors in memory at once)."""
+    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update (the
+    list it is given is its own: it may set entries to None once used); with ``summed`` it is
+    given their sum alone, accumulated one task vector at a time (Iso-C: an embedding-sized
+    matrix then never has T task vectors in memory at once)."""
     wd = work_dtype(base)
     b = base.to(wd)
     rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
@@ -132,8 +133,13 @@ def merge_tensor(
         update = torch.stack(deltas).mean(dim=0)
     else:
         rows = base.shape[0]
-        update = merge_matrix([d.reshape(rows, -1) for d in deltas]).reshape(base.shape)
-    del deltas
+        # the list is the matrix merge's own: it may drop a task vector once it has used it
+        # (TSV-M, Iso-CTS: after its SVD), so that an embedding-sized job does not hold all T
+        # through the polar steps
+        matrices_in = [d.reshape(rows, -1) for d in deltas]
+        del deltas
+        update = merge_matrix(matrices_in).reshape(base.shape)
+        del matrices_in
     # in place: an embedding-sized update is not copied twice more
     return update.mul_(alpha).add_(b).to(base.dtype)
 
@@ -325,28 +331,36 @@ def tsv_m_matrix(
     min_rank: int = 0,
     rank_tol: float = 0.0,
     top_svd: TopSVD | None = None,
+    consume: bool = False,
 ) -> torch.Tensor:
     """TSV-M update of one matrix: ΔW = polar(U) diag(s) polar(Vᵀ), where U = [U_1,k … U_T,k],
     s = [s_1,k … s_T,k], Vᵀ = [V_1,kᵀ; …; V_T,kᵀ] are the top k = ``tsv_rank`` triplets of each τ_t.
 
     A task whose τ_t is exactly zero contributes no triplets (the reference code would insert
     the arbitrary singular vectors of a zero matrix, with zero weight but tilting the polar
-    factors of the others)."""
+    factors of the others). ``consume``: each entry of ``deltas`` is set to None once decomposed
+    (memory: the list is the caller's scratch)."""
     top_svd = top_svd or TopSVD()
     m, n = deltas[0].shape
+    dtype, device = deltas[0].dtype, deltas[0].device
     k = tsv_rank(min(m, n), len(deltas), min_rank)
     us, ss, vhs = [], [], []
-    for t, d in enumerate(deltas):
+    for t in range(len(deltas)):
+        d = deltas[t]
+        if consume:
+            deltas[t] = None  # type: ignore[call-overload]  # (the caller's copy is gone too)
         if k == 0 or not bool(d.any()):
             continue
         u, s, vh = top_svd(d, k, stream=t)
+        del d
         u, s, vh = _keep(u, s, vh, rank_tol, s[0])
         us.append(u)
         ss.append(s)
         vhs.append(vh)
     if not ss or not any(x.numel() for x in ss):
-        return deltas[0].new_zeros(m, n)
+        return torch.zeros(m, n, dtype=dtype, device=device)
     u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
+    del us, vhs
     return top_svd.polar(u) @ (s[:, None] * top_svd.polar(vh))
 
 
@@ -406,8 +420,9 @@ def iso_cts_matrix(
     common_fraction: float = 0.8,
     rank_tol: float = 0.0,
     top_svd: TopSVD | None = None,
+    consume: bool = False,
 ) -> torch.Tensor:
-    """Iso-CTS update of one matrix.
+    """Iso-CTS update of one matrix (``consume``: as for :func:`tsv_m_matrix`).
 
     1. Common space: the top k_c triplets (U_c, s_c, V_cᵀ) of Σ_t τ_t.
     2. Task-specific: for each t, the top n_t triplets of the residual τ_t − U_c U_cᵀ τ_t.
@@ -423,15 +438,19 @@ def iso_cts_matrix(
     k_c, n_t = iso_cts_sizes(min(m, n), len(deltas), common_fraction)
     if n_t == 0:  # only the common space: Iso-C, computed as Iso-C computes it
         return iso_c_matrix(deltas, rank_tol=rank_tol, top_svd=top_svd)
+    dtype, device = deltas[0].dtype, deltas[0].device
     total = torch.stack(deltas).sum(dim=0)
     uc, sc, vhc = top_svd(total, k_c, stream=len(deltas))
+    del total
     if sc.numel():
         uc, sc, vhc = _keep(uc, sc, vhc, rank_tol, sc[0])
     us, ss, vhs = [], [], []
-    for t, d in enumerate(deltas):
-        if n_t == 0:
-            break
+    for t in range(len(deltas)):
+        d = deltas[t]
+        if consume:
+            deltas[t] = None  # type: ignore[call-overload]
         resid = d - uc @ (uc.mT @ d)
+        del d
         if not bool(resid.any()):
             continue
         u, s, vh = top_svd(resid, n_t, stream=t)
@@ -440,7 +459,7 @@ def iso_cts_matrix(
         ss.append(s)
         vhs.append(vh)
     if not any(x.numel() for x in ss):
-        return isotropic(sc, uc, vhc) if sc.numel() else torch.zeros_like(total)
+        return isotropic(sc, uc, vhc) if sc.numel() else torch.zeros(m, n, dtype=dtype, device=device)
     u = torch.cat([*us, uc], dim=1)
     s = torch.cat([*ss, sc])
     vh = torch.cat([*vhs, vhc], dim=0)
