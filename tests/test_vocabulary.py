@@ -373,6 +373,15 @@ def test_bad_tokenizer_settings_are_refused_with_a_message_and_nothing_written(
     _fails(_recipe(p, tokenizer={"source": "union", "padding": 8}), tmp_path, r"unknown keys \['padding'\]")
     with pytest.raises(AlloykitError, match="unknown keys"):
         alloykit.merge([p["ft_a"]], p["base"], "task_arithmetic", tokenizer={"sorce": "union"})
+    # a tokenizer whose ids have a gap cannot index rows
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    gap = tmp_path / "gap"
+    vocab = {t: (i if i < 10 else i + 5) for i, t in enumerate(BASE_TOKENS)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(gap)
+    _fails(_recipe(p, tokenizer_source=str(gap)), tmp_path, "without gaps")
 
 
 def test_a_model_without_a_tokenizer_is_taken_to_share_the_bases(

@@ -298,6 +298,11 @@ def build_vocabulary(spec: TokenizerSpec, readers: list[CheckpointReader], base:
             existing.add(token)
 
     vocab = out.get_vocab()
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise CheckpointError(
+            f"the output tokenizer's ids are not 0 … {len(vocab) - 1} without gaps, so its tokens cannot "
+            "index the rows of an embedding; give another tokenizer source"
+        )
     tokens = [""] * len(vocab)
     for t, i in vocab.items():
         tokens[i] = t
