@@ -30,6 +30,7 @@ Models trained separately (``method: activation_matching``, ``zipit``, ``mudsc_z
       post: bn_reset                        # none | bn_reset | repair
       exclude_groups: []                    # groups left unaligned
       groups: ./groups.json                 # optional: a group table instead of tracing
+      group_batches: 1                      # batches per Ray task of the statistics pass
 
 A parameter value may be a scalar, a gradient over layer depth (a list of numbers) or a list of
 ``{filter: ..., value: ...}`` conditions (see :func:`alloykit.methods.base.evaluate_setting`).
