@@ -180,7 +180,7 @@ CASES = list(_cases({k: k for k in ("base", "ft_a", "ft_b", "ft_c")}))
 
 def _run(data: dict[str, Any], out: Path, **kwargs: Any) -> Path:
     recipe = recipe_from_dict(copy.deepcopy(data))
-    alloykit.merge(**recipe.merge_kwargs(), output=out, **kwargs)
+    alloykit.merge(**{**recipe.merge_kwargs(), **kwargs}, output=out)
     return out
 
 
@@ -435,3 +435,18 @@ def test_a_lora_adapter_takes_its_base_models_vocabulary(family: dict[str, Any],
     assert va == vd and na == nd == 70
     for name in td:
         torch.testing.assert_close(ta[name], td[name], rtol=0, atol=2e-6)
+
+
+def test_ray_jobs_read_the_mapped_rows_too(family: dict[str, Any], tmp_path: Path) -> None:
+    """The wrapped readers travel to Ray tasks: the same bytes as in this process."""
+    ray = pytest.importorskip("ray")
+    data = _recipe(family["paths"], tokenizer_source="union")
+    here = _load(_run(data, tmp_path / "thread"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        there = _load(_run(data, tmp_path / "ray", executor="ray", workers=2))
+    finally:
+        ray.shutdown()
+    assert sorted(here) == sorted(there)
+    for name in here:
+        assert torch.equal(here[name], there[name]), name
