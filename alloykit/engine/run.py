@@ -193,8 +193,19 @@ def _inputs(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     spec = plan.spec
     dtype = job.compute_dtype
-    tensors = [_read(plan, i, job, dtype, check, digests) for i in job.sources]
-    base = _read(plan, len(spec.models), job, dtype, check, digests) if spec.base is not None else None
+    narrow = job.merge and spec.method.widens_inputs and dtype == torch.float32
+
+    def wanted(index: int) -> torch.dtype | None:
+        if not narrow:
+            return dtype
+        reader = spec.base if index == len(spec.models) else spec.models[index]
+        # bfloat16/float16 as stored: the method widens them itself (exactly)
+        return None if reader.meta(job.name).dtype in (torch.bfloat16, torch.float16) else dtype
+
+    tensors = [_read(plan, i, job, wanted(i), check, digests) for i in job.sources]
+    base = None
+    if spec.base is not None:
+        base = _read(plan, len(spec.models), job, wanted(len(spec.models)), check, digests)
     return tensors, base
 
 
@@ -286,6 +297,7 @@ def _context(
         transforms=transforms,
         notes=notes,
         deferred=deferred,
+        result_dtype=job.compute_dtype if spec.method.widens_inputs else None,
     )
 
 

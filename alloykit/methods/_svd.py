@@ -104,31 +104,35 @@ def merge_tensor(
     conv: str,
     merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
     summed: bool = False,
+    result_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ_0 + α · update, with the update chosen by tensor class (see the module docstring).
 
     ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update (the
     list it is given is its own: it may set entries to None once used); with ``summed`` it is
     given their sum alone, accumulated one task vector at a time (Iso-C: an embedding-sized
-    matrix then never has T task vectors in memory at once)."""
+    matrix then never has T task vectors in memory at once). The result is in ``result_dtype``
+    (default: the base's dtype); the inputs may be narrower (bfloat16 as stored, see
+    ``MergeMethod.widens_inputs``): every difference and the final sum are taken in the work
+    dtype, and the base is never copied whole in it."""
     wd = work_dtype(base)
-    b = base.to(wd)
+    out = result_dtype or base.dtype
     rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
     if summed and rule != "mean" and base.numel():
         total, changed, d = None, False, None
         for t in tensors:
-            d = t.to(wd) - b
+            d = t.to(wd, copy=True).sub_(base)
             changed = changed or bool(d.any())
             total = d if total is None else total.add_(d)
         del d  # (the last task vector would otherwise stay alive through the decomposition)
         if not changed:
-            return base.clone()
+            return base.to(out, copy=True)
         update = merge_matrix([total.reshape(base.shape[0], -1)]).reshape(base.shape)
         del total
-        return update.mul_(alpha).add_(b).to(base.dtype)
-    deltas = [t.to(wd) - b for t in tensors]
+        return update.mul_(alpha).add_(base).to(out)
+    deltas = [t.to(wd, copy=True).sub_(base) for t in tensors]
     if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
-        return base.clone()
+        return base.to(out, copy=True)
     if rule == "mean":
         update = torch.stack(deltas).mean(dim=0)
     else:
@@ -141,7 +145,7 @@ def merge_tensor(
         update = merge_matrix(matrices_in).reshape(base.shape)
         del matrices_in
     # in place: an embedding-sized update is not copied twice more
-    return update.mul_(alpha).add_(b).to(base.dtype)
+    return update.mul_(alpha).add_(base).to(out)
 
 
 # ----------------------------------------------------------------------------- decompositions

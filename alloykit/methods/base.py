@@ -170,6 +170,9 @@ class TensorContext:
     # Set by the engine when the reduction's last pass runs inside the merge pass (see
     # ``Reduction.fused``): where ``defer`` collects this tensor's share of it.
     deferred: list[Deferred] | None = None
+    # For methods that widen their inputs themselves (``widens_inputs``): the dtype the engine
+    # expects the result in (the compute dtype), None otherwise (the inputs' dtype).
+    result_dtype: torch.dtype | None = None
 
     def defer(self, partial: Any, index: torch.Tensor, alternatives: dict[Any, torch.Tensor]) -> None:
         """Hand the engine this tensor's ``partial`` of a whole-model quantity that the merge pass
@@ -259,6 +262,11 @@ class MergeMethod:
     # permutation group ("identity", "weights", "activations", …); the engine hands each tensor's
     # transforms to the method in ``ctx.transforms``.
     alignment: str | None = None
+    # The method widens its inputs itself, exactly (it computes in float32/64 whatever it is
+    # given): with a float32 compute dtype the engine then hands it bfloat16/float16 inputs as
+    # stored, which halves what an embedding-sized job holds, and expects the result in
+    # ``ctx.result_dtype``.
+    widens_inputs: bool = False
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -406,6 +414,7 @@ def merge_method(
     check: Callable[[dict[str, Any], str], None] | None = None,
     statistics: str | None = None,
     alignment: str | None = None,
+    widens_inputs: bool = False,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -429,6 +438,7 @@ def merge_method(
             check,
             statistics,
             alignment,
+            widens_inputs,
         )
         for values in m.presets.values():
             for k in values:

@@ -33,6 +33,7 @@ from alloykit.methods.primitives import scale_search
     presets={"paper": {"matrices": PAPER_MATRICES}},
     default_preset="paper",
     memory_factor=4.0,
+    widens_inputs=True,  # computes in float32 whatever it is given (see merge_tensor)
 )
 def iso_c(
     tensors: list[torch.Tensor],
@@ -78,4 +79,5 @@ def iso_c(
         conv=conv,
         merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol, top_svd=TopSVD(svd)),
         summed=True,
+        result_dtype=ctx.result_dtype,
     )

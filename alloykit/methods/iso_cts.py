@@ -45,6 +45,7 @@ from alloykit.methods.primitives import scale_search
     presets={"paper": {"matrices": PAPER_MATRICES}},
     default_preset="paper",
     memory_factor=5.0,
+    widens_inputs=True,  # computes in float32 whatever it is given (see merge_tensor)
 )
 def iso_cts(
     tensors: list[torch.Tensor],
@@ -99,4 +100,5 @@ def iso_cts(
         merge_matrix=lambda ds: iso_cts_matrix(
             ds, common_fraction=common_fraction, rank_tol=rank_tol, top_svd=top, consume=True
         ),
+        result_dtype=ctx.result_dtype,
     )

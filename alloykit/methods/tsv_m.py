@@ -44,6 +44,7 @@ from alloykit.methods.primitives import scale_search
     presets={"paper": {"matrices": PAPER_MATRICES}},
     default_preset="paper",
     memory_factor=4.0,
+    widens_inputs=True,  # computes in float32 whatever it is given (see merge_tensor)
 )
 def tsv_m(
     tensors: list[torch.Tensor],
@@ -95,4 +96,5 @@ def tsv_m(
         merge_matrix=lambda ds: tsv_m_matrix(
             ds, min_rank=min_rank, rank_tol=rank_tol, top_svd=top, consume=True
         ),
+        result_dtype=ctx.result_dtype,
     )
