@@ -11,6 +11,8 @@ from alloykit.errors import ParameterError
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import ModelTopK
 
+_TRIM_BLOCK = 1 << 20  # entries masked at a time
+
 
 def _mask_rank(numel: int, task: int, params: dict[str, Any]) -> int | None:
     """MergeLM's ``mask_smallest_magnitude_param_values``: threshold = kthvalue(int(d·rate)),
@@ -82,13 +84,19 @@ def neuronal_update(
     """λ1 ψ∥ + λ2 ψ⊥ for one matrix: ``tau`` (T, m, n) trimmed task vectors, ``w0`` (m, n)."""
     norm_sq = w0.square().sum(-1)  # (m,)
     safe = torch.where(norm_sq > 0, norm_sq, 1.0)
-    a = torch.where(norm_sq > 0, (tau * w0).sum(-1) / safe, 0.0)  # (T, m); zero rows: no parallel part
+    # ⟨τ_t, w0⟩ per row, one task at a time (a (T, m, n) product would be T more copies)
+    dots = torch.stack([(t * w0).sum(-1) for t in tau])
+    a = torch.where(norm_sq > 0, dots / safe, 0.0)  # (T, m); zero rows: no parallel part
+    del dots
     a_bar = disjoint_mean(a, task_dim=0, majority_dims=None)  # (m,) majority over the layer
-    if parallel == "paper":
-        par = a_bar.unsqueeze(1) * w0  # ā · w0 (projection formula)
+    if lambda1 == 0:
+        out = torch.zeros_like(w0)  # (ψ∥ is not formed: it would only be multiplied by 0)
+    elif parallel == "paper":
+        out = lambda1 * (a_bar.unsqueeze(1) * w0)  # ā · w0 (projection formula)
     else:
         par = (a_bar / safe.sqrt()).unsqueeze(1) * w0 * (norm_sq > 0).unsqueeze(1)  # ā · w0/‖w0‖ (code)
-    out = lambda1 * par if lambda1 != 0 else torch.zeros_like(w0)
+        out = lambda1 * par
+        del par
     if lambda2 == 0:
         return out
     for start in range(0, w0.shape[0], block_rows):
@@ -225,10 +233,16 @@ def neuromerging(
     """
     stats = ctx.stats or {}
     thresholds = stats.get("threshold") or [None] * len(tensors)
-    tau = torch.stack([x - base for x in tensors])  # (T, …)
-    for t, thr in enumerate(thresholds):
+    # (T, …), each difference written in place and trimmed in row blocks: an embedding-sized
+    # tensor gets no stacked copy and no tensor-sized masks
+    tau = torch.empty((len(tensors), *base.shape), dtype=torch.promote_types(tensors[0].dtype, base.dtype))
+    for t, (x, thr) in enumerate(zip(tensors, thresholds, strict=True)):
+        torch.sub(x, base, out=tau[t])
         if thr is not None:
-            tau[t] *= (tau[t].abs().float() >= thr).to(tau.dtype)
+            flat = tau[t].view(-1)
+            for i in range(0, flat.numel(), _TRIM_BLOCK):
+                part = flat[i : i + _TRIM_BLOCK]
+                part *= part.abs().float() >= thr
     lam2 = sigma_lambda2(stats.get("removed_l1", [])) if lambda2_rule == "sigma" else lambda2
     if base.dim() <= 1:
         scale = lam2 if point_lambda == "lambda2" else (lambda1 + lam2) / 2
@@ -245,4 +259,9 @@ def neuromerging(
         svd=svd,
         block_rows=block_rows,
     )
-    return base + update.reshape(base.shape)
+    del tau  # (the task vectors are not needed for the sum)
+    return (
+        update.reshape(base.shape).add_(base)
+        if update.dtype == base.dtype
+        else base + update.reshape(base.shape)
+    )
