@@ -235,7 +235,8 @@ def neuromerging(
     thresholds = stats.get("threshold") or [None] * len(tensors)
     # (T, …), each difference written in place and trimmed in row blocks: an embedding-sized
     # tensor gets no stacked copy and no tensor-sized masks
-    tau = torch.empty((len(tensors), *base.shape), dtype=torch.promote_types(tensors[0].dtype, base.dtype))
+    dtype = torch.promote_types(tensors[0].dtype, base.dtype)
+    tau = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for t, (x, thr) in enumerate(zip(tensors, thresholds, strict=True)):
         torch.sub(x, base, out=tau[t])
         if thr is not None:
