@@ -568,3 +568,23 @@ def test_injected_io_faults_never_leave_a_half_written_output(toy, fail_at, code
 
         shutil.rmtree(out)
     assert leftovers(toy["tmp"]) == []
+
+
+@pytest.mark.parametrize("value", [2.2250738585072014e-308, -1e-40, 1e39, float("inf"), -float("inf")])
+def test_a_parameter_float32_cannot_hold_is_refused_before_anything_is_read(toy, value):
+    """Found by the fuzzer: linear with weights of 2.2e-308 (0 in float32) wrote NaN (0/0). A
+    non-zero value outside float32's normal range is now refused with the range; 0 and small
+    normal values pass."""
+    from alloykit import merge
+    from alloykit.errors import ParameterError
+
+    paths = [str(p) for p in toy["paths"][:2]]
+    with pytest.raises(
+        ParameterError, match=r"parameter 'weight' = .* (outside float32's range|is not allowed)"
+    ):
+        merge(paths, method="linear", parameters={"weight": value}, dry_run=True)
+    for ok in (0.0, 1e-30, -2.5):
+        weights = [ok, 1.0]
+        result = merge(paths, method="linear", model_parameters=[{"weight": w} for w in weights])
+        merged = result.state_dict["embed.weight"]
+        assert torch.isfinite(merged).all()

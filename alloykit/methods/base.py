@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from typing import Any, Protocol
 import torch
 
 from alloykit.errors import ParameterError
+
+# float32's smallest normal and largest finite magnitudes (torch.finfo(torch.float32))
+_F32_TINY = 1.1754943508222875e-38
+_F32_MAX = 3.4028234663852886e38
 
 REQUIRED: Any = object()
 NO_MATCH: Any = object()
@@ -123,8 +128,16 @@ class Param:
             if self.kind is int and float(value) != int(value):
                 raise ParameterError(bad)
             value = self.kind(value)
-            if value != value:  # NaN
+            if value != value or value in (math.inf, -math.inf):  # NaN, ±inf
                 raise ParameterError(bad)
+            if self.kind is float and value != 0 and not _F32_TINY <= abs(value) <= _F32_MAX:
+                # merges compute in float32: such a value would become 0 or ±inf there (a weight
+                # of 1e-308 normalised by the sum of such weights gives 0/0 = NaN)
+                raise ParameterError(
+                    f"{where}: parameter {self.name!r} = {value!r} is outside float32's range: merges "
+                    f"compute in float32, whose normal numbers have magnitudes {_F32_TINY:.3g} to "
+                    f"{_F32_MAX:.3g}; give 0 or a value in that range"
+                )
             if (
                 (self.ge is not None and value < self.ge)
                 or (self.gt is not None and value <= self.gt)
