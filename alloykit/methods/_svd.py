@@ -189,6 +189,10 @@ GRAM_MAX_COND = 1e4
 # costs about what the float32 SVD does (2048²: 2.4 s vs 2.9 s here, plus the Gram and products).
 GRAM_MIN_ASPECT = 2.0
 _ROWS = 8192  # rows per float64 block: an embedding-sized A is never copied whole in float64
+# Rows per float64 block of a product A · right: each output row is the same dot products whatever
+# the block (checked bitwise on this BLAS), so a smaller block only saves memory (the Gram's
+# blocks, summed into one matrix, keep _ROWS: their size is part of its rounding).
+_PRODUCT_ROWS = 2048
 
 
 def _gram64(a: torch.Tensor) -> torch.Tensor:
@@ -203,8 +207,8 @@ def _gram64(a: torch.Tensor) -> torch.Tensor:
 def _times64(a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """A · right (right float64), by row blocks of A in float64, returned in A's dtype."""
     out = torch.empty(a.shape[0], right.shape[1], dtype=a.dtype, device=a.device)
-    for i in range(0, a.shape[0], _ROWS):
-        out[i : i + _ROWS] = (a[i : i + _ROWS].double() @ right).to(a.dtype)
+    for i in range(0, a.shape[0], _PRODUCT_ROWS):
+        out[i : i + _PRODUCT_ROWS] = (a[i : i + _PRODUCT_ROWS].double() @ right).to(a.dtype)
     return out
 
 
