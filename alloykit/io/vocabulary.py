@@ -186,7 +186,6 @@ class VocabularyMap:
     default_row: torch.Tensor  # that reader's row
     forced: torch.Tensor  # bool: every model takes the default
     vocab_sizes: list[int]
-    order: list[int]  # reader order in which a mean sums (mergekit's gather order)
     source: str = "union"
     mapped: list[str] = field(default_factory=list)  # the token-indexed tensors
 
@@ -372,10 +371,7 @@ def build_vocabulary(spec: TokenizerSpec, readers: list[CheckpointReader], base:
     pad = spec.pad_to_multiple_of
     if pad and rows % pad:
         rows = (rows // pad + 1) * pad
-    # mergekit gathers the listed models in order and the base last when it is not listed; a mean
-    # is over models that lack the base's token, so the base's place never changes a sum.
-    order = list(range(len(readers)))
-    return VocabularyMap(out, tokens, rows, own, kind, dmodel, drow, forced, sizes, order, source)
+    return VocabularyMap(out, tokens, rows, own, kind, dmodel, drow, forced, sizes, source)
 
 
 def token_indexed(name: str, meta: TensorMeta, vocab_size: int) -> bool:
@@ -493,7 +489,10 @@ class VocabularyReader:
         vm = self._vmap
         acc = torch.zeros((ids.numel(), *shape), dtype=self._dtypes[name])
         count = torch.zeros(ids.numel(), dtype=torch.int64)
-        for m in vm.order:
+        # readers in order: mergekit gathers the listed models in order and the base last when it
+        # is not listed; a mean is over models that lack the base's token, so the base's place
+        # never changes a sum
+        for m in range(len(self._readers)):
             rows = vm.own[m][ids]
             at = torch.nonzero(rows >= 0).flatten()
             if at.numel():
@@ -517,9 +516,9 @@ def align_vocabularies(
     vmap = build_vocabulary(spec, readers, len(models) if base is not None else None)
     names: set[str] = set()
     dtypes: dict[str, torch.dtype] = {}
-    every = set().union(*(r.keys() for r in readers))
-    for name in sorted(every):
-        holders = [i for i, r in enumerate(readers) if name in r.keys()]
+    key_sets = [set(r.keys()) for r in readers]
+    for name in sorted(n for n in set().union(*key_sets) if _TOKEN_INDEXED.search(n)):
+        holders = [i for i, keys in enumerate(key_sets) if name in keys]
         metas = {i: readers[i].meta(name) for i in holders}
         hits = {i for i in holders if token_indexed(name, metas[i], vmap.vocab_sizes[i])}
         if not hits:

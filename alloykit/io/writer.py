@@ -50,19 +50,11 @@ COMPANION_FILES = (
 )
 
 # what a tokenizer consists of (the chat template is the tokenizer's too)
-TOKENIZER_FILES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-        "vocab.txt",
-        "vocab.json",
-        "merges.txt",
-        "added_tokens.json",
-        "chat_template.jinja",
-    }
-)
+TOKENIZER_FILES = frozenset(COMPANION_FILES) - {
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+}
 
 
 def validate_companions(folder: Path | None) -> list[str]:
