@@ -415,13 +415,16 @@ def test_the_gram_route_falls_back_to_the_svd_past_its_bound():
     assert gram_polar(low) is None
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+@pytest.mark.parametrize(
+    "method,preset",
+    [("tsv_m", None), ("iso_c", None), ("iso_cts", None), ("model_stock", None), ("model_stock", "mergekit")],
+)
 @pytest.mark.parametrize("out_dtype", [None, "float32"])
 def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(
-    method, out_dtype, tmp_path, monkeypatch
+    method, preset, out_dtype, tmp_path, monkeypatch
 ):
-    """The SVD methods widen their inputs themselves: with a float32 compute dtype the engine
-    hands them bfloat16 tensors as stored (half the memory). The bytes equal those of inputs
+    """The SVD methods (and Model Stock) widen their inputs themselves: with a float32 compute
+    dtype the engine hands them bfloat16 tensors as stored (half the memory). The bytes equal those of inputs
     widened by the engine first, also when the result is written in float32 (not rounded to
     bfloat16 on the way)."""
     import dataclasses
@@ -442,11 +445,11 @@ def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(
         path = tmp_path / f"m{i}.safetensors"
         save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
         paths.append(str(path))
-    narrow = merge(paths[1:], paths[0], method, out_dtype=out_dtype).state_dict
+    narrow = merge(paths[1:], paths[0], method, preset=preset, out_dtype=out_dtype).state_dict
     m = methods.get_method(method)
     assert m.widens_inputs
     monkeypatch.setitem(methods.REGISTRY, method, dataclasses.replace(m, widens_inputs=False))
-    widened = merge(paths[1:], paths[0], method, out_dtype=out_dtype).state_dict
+    widened = merge(paths[1:], paths[0], method, preset=preset, out_dtype=out_dtype).state_dict
     for k in widened:
         assert narrow[k].dtype == widened[k].dtype == (torch.float32 if out_dtype else torch.bfloat16)
         assert torch.equal(narrow[k], widened[k]), k

@@ -66,6 +66,9 @@ class TensorJob:
     # job holds a whole embedding); ``length=None`` means the whole tensor.
     start: int = 0
     length: int | None = None
+    # For a slice of whole rows of a row-wise method: the shape the method sees,
+    # (rows, *shape[1:]); ``None``: the whole tensor, or a flat slice.
+    view: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -320,9 +323,23 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             stat_bytes = sum(spec.statistics[i].nbytes(name) for i in sources)
             split = split and stat_bytes == 0  # statistics belong to the whole tensor
         step = spec.chunk_elements if split and spec.chunk_elements else max(numel, 1)
+        row = 0  # elements per row when the tensor is streamed in slices of whole rows
+        if (
+            merge
+            and not split
+            and not aligned
+            and stat_bytes == 0
+            and spec.chunk_elements
+            and numel
+            and len(src_meta.shape) >= 2
+            and method.is_rowwise(params)
+        ):
+            row = numel // src_meta.shape[0]
+            step = max(1, spec.chunk_elements // row) * row
         for start in range(0, max(numel, 1), step):
             length = min(step, numel - start) if numel else 0
             whole = length == numel
+            view = (length // row, *src_meta.shape[1:]) if row and not whole else None
             jobs.append(
                 TensorJob(
                     name,
@@ -336,6 +353,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                     compute_dtype=compute,
                     start=start,
                     length=None if whole else length,
+                    view=view,
                 )
             )
     if method.check is not None:

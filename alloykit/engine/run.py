@@ -174,6 +174,8 @@ def _read(
         t = reader.read(job.name)
     else:
         t = reader.read_range(job.name, job.start, job.length)
+        if job.view is not None:
+            t = t.reshape(job.view)  # whole rows, for a row-wise method
     if digests is not None:
         digests.add(index, job, t)
     if dtype is not None and t.is_floating_point() and dtype.itemsize >= t.dtype.itemsize:
@@ -472,7 +474,7 @@ class JobRunner:
                     b0: torch.Tensor | None,
                     device: torch.device,
                 ) -> tuple[torch.Tensor, list[float], float, bool]:
-                    expected = job.out.shape if job.length is None else (job.length,)
+                    expected = job.out.shape if job.length is None else (job.view or (job.length,))
                     if tuple(merged.shape) != expected:
                         raise RuntimeError(
                             f"{method.name} returned shape {list(merged.shape)} for "
@@ -482,7 +484,9 @@ class JobRunner:
                         raise RuntimeError(
                             f"{method.name} returned {job.name!r} on {merged.device}, not {device}"
                         )
-                    same = b0 is not None and torch.equal(merged, b0)
+                    if job.view is not None:
+                        merged = merged.reshape(-1)  # slices are written flat
+                    same = b0 is not None and torch.equal(merged, b0.reshape(merged.shape))
                     if b0 is None or job.start != 0:
                         # The same-base check looks at the first slice of every tensor only: enough
                         # to tell a fine-tune from an unrelated model, at a fraction of the cost.

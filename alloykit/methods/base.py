@@ -280,9 +280,17 @@ class MergeMethod:
     # stored, which halves what an embedding-sized job holds, and expects the result in
     # ``ctx.result_dtype``.
     widens_inputs: bool = False
+    # Whether, with these parameters, each output row (index along the first axis) depends only
+    # on the same rows of the inputs (per-row masks, per-row ratios): the engine may then stream a
+    # tensor of 2 or more dimensions in slices of whole rows, handed to the method shaped
+    # (rows, *shape[1:]). True, False, or a function of the resolved parameters.
+    rowwise: bool | Callable[[dict[str, Any]], bool] = False
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
+
+    def is_rowwise(self, params: dict[str, Any]) -> bool:
+        return self.rowwise(params) if callable(self.rowwise) else bool(self.rowwise)
 
     @property
     def summary(self) -> str:
@@ -428,6 +436,7 @@ def merge_method(
     statistics: str | None = None,
     alignment: str | None = None,
     widens_inputs: bool = False,
+    rowwise: bool | Callable[[dict[str, Any]], bool] = False,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -452,6 +461,7 @@ def merge_method(
             statistics,
             alignment,
             widens_inputs,
+            rowwise,
         )
         for values in m.presets.values():
             for k in values:

@@ -68,6 +68,12 @@ def _elementwise(p: dict[str, Any]) -> bool:
     return all(d >= 1 for d in p["density"]) and all(g == 0 for g in p["gamma"])
 
 
+def _rowwise(p: dict[str, Any]) -> bool:
+    """Row masks (topk along each row) with no whole-tensor L1 rescale: each output row depends
+    on the same rows of the inputs only, so the engine may stream whole rows."""
+    return p["scope"] == "row" and p["rescale"] == "none"
+
+
 def _masked(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -141,6 +147,7 @@ def _memory_factor(params: dict[str, Any]) -> float:
     default_preset="paper",
     memory_factor=_memory_factor,
     elementwise=_elementwise,
+    rowwise=_rowwise,
 )
 def breadcrumbs(
     tensors: list[torch.Tensor],
@@ -174,6 +181,7 @@ def breadcrumbs(
     default_preset="paper",
     memory_factor=_memory_factor,
     elementwise=_elementwise,
+    rowwise=_rowwise,
 )
 def breadcrumbs_ties(
     tensors: list[torch.Tensor],

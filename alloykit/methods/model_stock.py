@@ -21,7 +21,7 @@ def _rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() <= 1 else x  # mergekit's filter_wise: vectors along the last axis
 
 
-def _ratio_reference(offsets: list[torch.Tensor], average: str) -> torch.Tensor:
+def _ratio_reference(offsets: list[torch.Tensor], average: str, scratch: torch.Tensor) -> torch.Tensor:
     """t per row, float64, as the reference code (``naver-ai/model-stock`` notebook, ported as
     FusionBench ``method/model_stock``: ``compute_angle`` / ``compute_ratio``)."""
     k = len(offsets)
@@ -30,10 +30,13 @@ def _ratio_reference(offsets: list[torch.Tensor], average: str) -> torch.Tensor:
     for i in range(k):
         for j in range(i + 1, k):
             v1, v2 = offsets[i].float(), offsets[j].float()
-            dot = (v1 * v2).sum(dim=-1)
+            buffer = scratch if scratch.dtype == torch.float32 else None  # products written there
+            dot = torch.mul(v1, v2, out=buffer).sum(dim=-1)
             # math.sqrt(Σv1² · Σv2²) + EPS: the product in float32, the root and EPS in float64,
             # the quotient in float32 (a float32 tensor divided by a Python float)
-            denom = ((v1**2).sum(dim=-1) * (v2**2).sum(dim=-1)).double().sqrt() + EPS
+            sq1 = torch.pow(v1, 2, out=buffer).sum(dim=-1)
+            sq2 = torch.pow(v2, 2, out=buffer).sum(dim=-1)
+            denom = (sq1 * sq2).double().sqrt() + EPS
             cos = (dot / denom.float()).clamp(-1.0, 1.0)
             cosines.append(cos.double())
             angles.append(torch.acos(cos).double() * (180.0 / math.pi))  # np.rad2deg
@@ -87,7 +90,9 @@ def _ratio_reference(offsets: list[torch.Tensor], average: str) -> torch.Tensor:
     default_preset="paper",
     min_models=2,
     memory_factor=4.0,
+    widens_inputs=True,
     elementwise=False,  # needs whole-tensor (or whole-row) norms
+    rowwise=lambda p: p["granularity"] != "tensor",  # one ratio per row: slices of whole rows
 )
 def model_stock(
     tensors: list[torch.Tensor],
@@ -125,24 +130,33 @@ def model_stock(
     mergekit returns the base there. Needs the base and at least two fine-tunes (mergekit: three
     inputs).
     """
-    w0 = _rows(base, granularity)
-    ws = [_rows(x, granularity) for x in tensors]
-    offsets = [w - w0 for w in ws]
-    k = len(ws)
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted: each is widened where it
+    # is used (exactly), and the tensor-sized work reuses one scratch buffer, so an embedding-sized
+    # job holds the inputs, the task vectors and three float32 tensors (the same bytes as widening
+    # everything first).
+    work = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
+    w0 = _rows(base, granularity).to(work)
+    offsets = [_rows(x, granularity).to(work) - w0 for x in tensors]
+    k = len(tensors)
+    scratch = torch.empty_like(w0)
     if numerics == "reference":
-        ratio = _ratio_reference(offsets, average).unsqueeze(-1)
-        mean = torch.zeros_like(ws[0])
-        for w in ws:
-            mean += w
+        ratio = _ratio_reference(offsets, average, scratch).unsqueeze(-1)
+        del offsets
+        mean = torch.zeros_like(w0)
+        for x in tensors:
+            mean += _rows(x, granularity).to(work)
         mean /= k
         # w̄·r + w0·(1 − r): r and 1 − r are Python floats in the reference, cast to the dtype
-        out = mean * ratio.to(mean.dtype) + w0 * (1.0 - ratio).to(w0.dtype)
-        return out.reshape(base.shape)
+        mean *= ratio.to(work)
+        mean += torch.mul(w0, (1.0 - ratio).to(work), out=scratch)
+        return mean.reshape(base.shape)
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
             norm_product = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+            dot = torch.mul(a, b, out=scratch).sum(dim=-1)
+            cosines.append((dot / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    del offsets
     if average == "angle":
         cos_theta = torch.cos(torch.stack([torch.acos(c) for c in cosines]).mean(dim=0)).unsqueeze(-1)
     else:
@@ -151,5 +165,10 @@ def model_stock(
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos_theta), (k * cos_theta) / safe)
-    mean = sum(ws) / k  # Python's sum, as mergekit (0 + w_1 + …)
-    return (t * mean + (1 - t) * w0).reshape(base.shape)
+    mean = torch.zeros_like(w0)  # Python's sum, as mergekit: 0 + w_1 + … (0 + −0.0 is +0.0)
+    for x in tensors:
+        mean += _rows(x, granularity).to(work)
+    mean /= k
+    mean *= t
+    mean += torch.mul(1 - t, w0, out=scratch)
+    return mean.reshape(base.shape)

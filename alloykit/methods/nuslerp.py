@@ -73,6 +73,8 @@ def interpolate(
     max_models=2,
     memory_factor=5.0,
     elementwise=False,  # needs whole-vector norms and dot products
+    # vectors along the last axis: slices of whole rows hold whole vectors
+    rowwise=lambda p: not p["flatten"] and not p["row_wise"],
     ignores=_ignores,
 )
 def nuslerp(
