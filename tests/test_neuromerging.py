@@ -262,3 +262,17 @@ def test_through_files_and_recipes(toy):
     mem = merge_state_dicts(toy["fts"], toy["base"], "neuromerging", parameters={"mask_rate": 0.7})
     assert all(torch.equal(r.read(k), mem[k]) for k in mem)
     close(mem, reference(toy["base"], toy["fts"], 0.7))
+
+
+@pytest.mark.parametrize("preset", ["paper", "code"])
+def test_a_bfloat16_compute_dtype_is_computed_in_float32(preset):
+    """There is no bfloat16 QR/SVD on CPU (it used to fail with geqrf_cpu): a bfloat16 compute
+    dtype gives the float32 merge rounded to bfloat16, which is what it writes by default."""
+    base = make_base(dtype=torch.bfloat16)
+    fts = make_finetunes(base)
+    kw = dict(preset=preset, parameters={"mask_rate": 0.5, "lambda1": 0.3})
+    half = merge_state_dicts(fts, base, "neuromerging", dtype="bfloat16", **kw)
+    full = merge_state_dicts(fts, base, "neuromerging", dtype="float32", out_dtype="float32", **kw)
+    for k, v in full.items():
+        assert half[k].dtype == torch.bfloat16
+        assert torch.equal(half[k], v.to(torch.bfloat16)), k

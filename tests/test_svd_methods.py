@@ -417,7 +417,15 @@ def test_the_gram_route_falls_back_to_the_svd_past_its_bound():
 
 @pytest.mark.parametrize(
     "method,preset",
-    [("tsv_m", None), ("iso_c", None), ("iso_cts", None), ("model_stock", None), ("model_stock", "mergekit")],
+    [
+        ("tsv_m", None),
+        ("iso_c", None),
+        ("iso_cts", None),
+        ("model_stock", None),
+        ("model_stock", "mergekit"),
+        ("neuromerging", None),
+        ("neuromerging", "code"),
+    ],
 )
 @pytest.mark.parametrize("out_dtype", [None, "float32"])
 def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(

@@ -131,21 +131,26 @@ def model_stock(
     inputs).
     """
     # Inputs may arrive as stored (bfloat16) with a float32 result wanted: each is widened where it
-    # is used (exactly), and the tensor-sized work reuses one scratch buffer, so an embedding-sized
-    # job holds the inputs, the task vectors and three float32 tensors (the same bytes as widening
-    # everything first).
+    # is used (exactly), and the tensor-sized products reuse one scratch buffer, so an
+    # embedding-sized job holds the inputs, the task vectors and one float32 buffer while the
+    # ratio is computed (the same bytes as widening everything first).
     work = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
     w0 = _rows(base, granularity).to(work)
-    offsets = [_rows(x, granularity).to(work) - w0 for x in tensors]
+    offsets = []
+    for x in tensors:  # x − w0, written over the widened copy of x (no second temporary)
+        offsets.append(_rows(x, granularity).to(work, copy=True).sub_(w0))
     k = len(tensors)
-    scratch = torch.empty_like(w0)
+    if w0.dtype != base.dtype:
+        del w0  # a widened copy: made again once the task vectors are gone
+    scratch = torch.empty_like(offsets[0])
     if numerics == "reference":
         ratio = _ratio_reference(offsets, average, scratch).unsqueeze(-1)
         del offsets
-        mean = torch.zeros_like(w0)
+        mean = torch.zeros_like(scratch)
         for x in tensors:
-            mean += _rows(x, granularity).to(work)
+            mean += _rows(x, granularity)  # widened inside the addition
         mean /= k
+        w0 = _rows(base, granularity).to(work)
         # w̄·r + w0·(1 − r): r and 1 − r are Python floats in the reference, cast to the dtype
         mean *= ratio.to(work)
         mean += torch.mul(w0, (1.0 - ratio).to(work), out=scratch)
@@ -165,10 +170,11 @@ def model_stock(
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos_theta), (k * cos_theta) / safe)
-    mean = torch.zeros_like(w0)  # Python's sum, as mergekit: 0 + w_1 + … (0 + −0.0 is +0.0)
+    mean = torch.zeros_like(scratch)  # Python's sum, as mergekit: 0 + w_1 + … (0 + −0.0 is +0.0)
     for x in tensors:
-        mean += _rows(x, granularity).to(work)
+        mean += _rows(x, granularity)
     mean /= k
+    w0 = _rows(base, granularity).to(work)
     mean *= t
     mean += torch.mul(1 - t, w0, out=scratch)
     return mean.reshape(base.shape)

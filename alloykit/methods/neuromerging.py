@@ -70,6 +70,10 @@ def orthogonal_part(perp: torch.Tensor, v: torch.Tensor, s: torch.Tensor, energy
     return (v @ z_bar.unsqueeze(-1)).squeeze(-1)
 
 
+def _row_blocks(rows: int, block: int) -> list[slice]:
+    return [slice(start, start + block) for start in range(0, rows, block)]
+
+
 def neuronal_update(
     tau: torch.Tensor,
     w0: torch.Tensor,
@@ -81,29 +85,34 @@ def neuronal_update(
     svd: str,
     block_rows: int,
 ) -> torch.Tensor:
-    """λ1 ψ∥ + λ2 ψ⊥ for one matrix: ``tau`` (T, m, n) trimmed task vectors, ``w0`` (m, n)."""
-    norm_sq = w0.square().sum(-1)  # (m,)
+    """λ1 ψ∥ + λ2 ψ⊥ for one matrix: ``tau`` (T, m, n) trimmed task vectors, ``w0`` (m, n).
+
+    ``w0`` may be narrower than ``tau`` (bfloat16 as stored): it is widened one block of rows at
+    a time. Everything is computed in blocks of ``block_rows`` rows: each row's sums are the same
+    whatever the block, and no (m, n) product or widened copy of w0 is held."""
+    dtype = tau.dtype
+    blocks = _row_blocks(w0.shape[0], block_rows)
+    norm_sq = torch.cat([w0[r].to(dtype).square().sum(-1) for r in blocks])  # (m,)
     safe = torch.where(norm_sq > 0, norm_sq, 1.0)
-    # ⟨τ_t, w0⟩ per row, one task at a time (a (T, m, n) product would be T more copies)
-    dots = torch.stack([(t * w0).sum(-1) for t in tau])
+    dots = torch.stack([torch.cat([(t[r] * w0[r].to(dtype)).sum(-1) for r in blocks]) for t in tau])
     a = torch.where(norm_sq > 0, dots / safe, 0.0)  # (T, m); zero rows: no parallel part
     del dots
     a_bar = disjoint_mean(a, task_dim=0, majority_dims=None)  # (m,) majority over the layer
-    if lambda1 == 0:
-        out = torch.zeros_like(w0)  # (ψ∥ is not formed: it would only be multiplied by 0)
-    elif parallel == "paper":
-        out = lambda1 * (a_bar.unsqueeze(1) * w0)  # ā · w0 (projection formula)
-    else:
-        par = (a_bar / safe.sqrt()).unsqueeze(1) * w0 * (norm_sq > 0).unsqueeze(1)  # ā · w0/‖w0‖ (code)
-        out = lambda1 * par
-        del par
+    out = torch.zeros(w0.shape, dtype=dtype, device=w0.device)
+    if lambda1 != 0:  # (else ψ∥ is not formed: it would only be multiplied by 0)
+        for r in blocks:
+            w = w0[r].to(dtype)
+            if parallel == "paper":
+                out[r] = lambda1 * (a_bar[r].unsqueeze(1) * w)  # ā · w0 (projection formula)
+            else:  # ā · w0/‖w0‖ (code)
+                unit = (a_bar[r] / safe[r].sqrt()).unsqueeze(1)
+                out[r] = lambda1 * (unit * w * (norm_sq[r] > 0).unsqueeze(1))
     if lambda2 == 0:
         return out
-    for start in range(0, w0.shape[0], block_rows):
-        rows = slice(start, start + block_rows)
-        perp = (tau[:, rows] - a[:, rows].unsqueeze(-1) * w0[rows]).transpose(0, 1)  # (b, T, n)
+    for r in blocks:
+        perp = (tau[:, r] - a[:, r].unsqueeze(-1) * w0[r].to(dtype)).transpose(0, 1)  # (b, T, n)
         v, s = neuron_basis(perp, svd)
-        out[rows] += lambda2 * orthogonal_part(perp, v, s, energy)
+        out[r] += lambda2 * orthogonal_part(perp, v, s, energy)
     return out
 
 
@@ -188,6 +197,7 @@ def sigma_lambda2(removed_l1: list[float]) -> float:
         wide={"mask_rate": "the magnitude mask keeps one fraction of each task vector over the whole model"},
     ),
     memory_factor=6.0,
+    widens_inputs=True,
 )
 def neuromerging(
     tensors: list[torch.Tensor],
@@ -230,15 +240,21 @@ def neuromerging(
     Guards the code lacks: zero pre-trained rows get no parallel part (the whole update is
     orthogonal); zero updates give zero; a single task reproduces its trimmed update at λ = 1.
     Presets: ``paper`` (default), ``code`` (unit parallel vector, direct batched SVD).
+    A bfloat16/float16 compute dtype is computed in float32 (there is no half-precision QR or
+    SVD on CPU) and the result rounded to it: the bytes of a float32 merge written in that dtype.
     """
     stats = ctx.stats or {}
     thresholds = stats.get("threshold") or [None] * len(tensors)
     # (T, …), each difference written in place and trimmed in row blocks: an embedding-sized
     # tensor gets no stacked copy and no tensor-sized masks
-    dtype = torch.promote_types(tensors[0].dtype, base.dtype)
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted: widened here, exactly.
+    # A half-precision compute dtype is computed in float32 (LAPACK has no bfloat16 QR/SVD) and
+    # the result rounded to it.
+    wanted = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
+    dtype = wanted if wanted.itemsize >= 4 else torch.float32
     tau = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for t, (x, thr) in enumerate(zip(tensors, thresholds, strict=True)):
-        torch.sub(x, base, out=tau[t])
+        tau[t].copy_(x).sub_(base)  # in the wider dtype (out= would subtract in the inputs')
         if thr is not None:
             flat = tau[t].view(-1)
             for i in range(0, flat.numel(), _TRIM_BLOCK):
@@ -248,8 +264,9 @@ def neuromerging(
     if base.dim() <= 1:
         scale = lam2 if point_lambda == "lambda2" else (lambda1 + lam2) / 2
         flat = tau.reshape(len(tensors), -1)
-        return base + scale * disjoint_mean(flat, task_dim=0, majority_dims=None).reshape(base.shape)
-    w0 = base.reshape(base.shape[0], -1)
+        mean = disjoint_mean(flat, task_dim=0, majority_dims=None).reshape(base.shape)
+        return (base.to(dtype) + scale * mean).to(wanted)
+    w0 = base.reshape(base.shape[0], -1)  # (widened block by block)
     update = neuronal_update(
         tau.reshape(len(tensors), *w0.shape),
         w0,
@@ -260,9 +277,12 @@ def neuromerging(
         svd=svd,
         block_rows=block_rows,
     )
-    del tau  # (the task vectors are not needed for the sum)
-    return (
+    del tau, w0  # (the task vectors are not needed for the sum)
+    # float32 update += base, widened inside the addition; a narrower update (bfloat16 compute
+    # with float32 inputs, never the engine's case) is promoted as before
+    merged = (
         update.reshape(base.shape).add_(base)
-        if update.dtype == base.dtype
+        if update.dtype == torch.promote_types(update.dtype, base.dtype)
         else base + update.reshape(base.shape)
     )
+    return merged.to(wanted)

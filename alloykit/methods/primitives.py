@@ -285,7 +285,9 @@ class ModelTopK:
             return self.elected_sign(tensors, base, state, params).sum().to(torch.float64)
         rows = []
         for t, x in enumerate(tensors):
-            mags = (x - base).abs().float().reshape(-1)
+            # inputs as stored (a method that widens them itself): the difference in its dtype
+            wide = ctx.result_dtype if ctx is not None else None
+            mags = (x - base if wide is None else x.to(wide) - base.to(wide)).abs().float().reshape(-1)
             bits = mags.view(torch.int32)
             if index == 0:
                 rows.append(self._histograms(bits >> 16, mags, _HI))
