@@ -285,9 +285,11 @@ class ModelTopK:
             return self.elected_sign(tensors, base, state, params).sum().to(torch.float64)
         rows = []
         for t, x in enumerate(tensors):
-            # inputs as stored (a method that widens them itself): the difference in its dtype
+            # |x − base| in place over one copy of x (inputs as stored, for a method that widens
+            # them itself: in its dtype, the base widened inside the subtraction)
             wide = ctx.result_dtype if ctx is not None else None
-            mags = (x - base if wide is None else x.to(wide) - base.to(wide)).abs().float().reshape(-1)
+            wide = wide or torch.promote_types(x.dtype, base.dtype)
+            mags = x.to(wide, copy=True).sub_(base).abs_().float().reshape(-1)
             bits = mags.view(torch.int32)
             if index == 0:
                 rows.append(self._histograms(bits >> 16, mags, _HI))
