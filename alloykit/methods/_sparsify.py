@@ -78,6 +78,9 @@ def magprune_work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 else torch.float32
 
 
+_RANK_BLOCK = 1 << 20  # entries ranked at a time (their int64 sort order is 8 bytes each)
+
+
 def _as_rows(delta: torch.Tensor, rows: str) -> torch.Tensor:
     if delta.dim() < 2:
         return delta.reshape(1, -1)
@@ -105,19 +108,31 @@ def magprune_probabilities(
     entry (0/0 in both codes) gets r̂ = ½, i.e. p = density."""
     work = magprune_work_dtype(delta.dtype)
     rows = _as_rows(delta, "out" if convention == "reference" else "dim1")
-    order = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1)
+    n = rows.shape[1]
+    # The rank of each entry is the inverse of its row's argsort permutation: scattered from the
+    # sort order (linear) instead of a second argsort, in blocks of rows so that the int64 sort
+    # order never covers the whole tensor (each row's sort is the same whatever the block).
     if convention == "reference":
-        ranks = (order + 1).to(work)
+        rank_values = torch.arange(1, n + 1, device=delta.device).to(work)  # (order + 1).to(work)
     else:
-        ranks = order.to(work) + 1
+        rank_values = torch.arange(n, device=delta.device).to(work) + 1  # order.to(work) + 1
+    rank_values = rank_values.view(1, n, *([1] * (rows.dim() - 2)))
+    ranks = torch.empty(rows.shape, dtype=work, device=delta.device)
+    per_row = max(1, rows[0].numel())
+    step = max(1, _RANK_BLOCK // per_row)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        order = torch.argsort(block.abs(), dim=1, descending=False)
+        ranks[start : start + step].scatter_(1, order, rank_values.expand(order.shape))
+        del order
     lo = ranks.amin(dim=1, keepdim=True)  # (= min/max(...).values; amin/amax skip the indices)
     hi = ranks.amax(dim=1, keepdim=True)
-    scaled = (ranks - lo) / (hi - lo)
+    scaled = ranks.sub_(lo).div_(hi - lo)  # in place: (ranks − lo) / (hi − lo)
     if convention == "reference":
-        scaled = torch.where(hi > lo, scaled, 0.5)
-        return (density - epsilon) + scaled * (2 * epsilon)
-    scaled = torch.where(hi > lo, scaled.clamp(0, 1), 0.5)
-    return (density - epsilon) + scaled * 2 * epsilon
+        scaled.masked_fill_(hi <= lo, 0.5)  # torch.where(hi > lo, scaled, 0.5)
+        return scaled.mul_(2 * epsilon).add_(density - epsilon)  # (d − ε) + r̂·(2ε)
+    scaled.clamp_(0, 1).masked_fill_(hi <= lo, 0.5)
+    return scaled.mul_(2).mul_(epsilon).add_(density - epsilon)  # (d − ε) + r̂·2·ε
 
 
 def magprune(
@@ -143,9 +158,9 @@ def magprune(
     mask = torch.bernoulli(probs, generator=generator).to(work)
     rows = _as_rows(delta, "out" if convention == "reference" else "dim1").to(work)
     if rescale == "inverse":
-        out = rows * mask / probs.to(work)
+        out = mask.mul_(rows).div_(probs.to(work))  # rows·mask/p, written over the mask
     elif rescale == "l1":
         out = rescale_l1(rows, mask)
     else:
-        out = rows * mask
+        out = mask.mul_(rows)
     return out.to(delta.dtype).reshape(delta.shape)

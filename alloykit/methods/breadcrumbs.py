@@ -12,6 +12,7 @@ from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
+    combine_in_blocks,
     density_param,
     elect_and_combine,
     rescale_l1,
@@ -99,14 +100,21 @@ def _masked(
 def _combine(
     masked: torch.Tensor, base: torch.Tensor, weight: list[float], lambda_: float, aggregate: str, ties: bool
 ) -> torch.Tensor:
-    w = stack_weights(weight, masked)
-    deltas = masked * w
-    mixed = elect_and_combine(
-        deltas, w, consensus="sign" if ties else None, sign="weighted_sum", zero_sign=1.0, aggregate=aggregate
-    )
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+    def combine(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+        w = stack_weights(weight, part)
+        mixed = elect_and_combine(
+            part * w,
+            w,
+            consensus="sign" if ties else None,
+            sign="weighted_sum",
+            zero_sign=1.0,
+            aggregate=aggregate,
+        )
+        if lambda_ != 1:
+            mixed *= lambda_
+        return part_base + mixed
+
+    return combine_in_blocks(masked, base, combine)
 
 
 _DOC = """

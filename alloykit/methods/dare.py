@@ -9,6 +9,7 @@ from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
     bernoulli_mask,
+    combine_in_blocks,
     density_param,
     elect_and_combine,
     rescale_l1,
@@ -102,17 +103,20 @@ def dare(
             else:
                 d = d * mask
         dropped[i] = d
-    w = stack_weights(weight, dropped)
-    deltas = dropped * w
-    mixed = elect_and_combine(
-        deltas,
-        w,
-        consensus="sign" if combine == "ties" else None,
-        sign=sign,
-        zero_sign=1.0,
-        aggregate=aggregate,
-        raw=dropped,
-    )
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+
+    def fuse(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+        w = stack_weights(weight, part)
+        mixed = elect_and_combine(
+            part * w,
+            w,
+            consensus="sign" if combine == "ties" else None,
+            sign=sign,
+            zero_sign=1.0,
+            aggregate=aggregate,
+            raw=part,
+        )
+        if lambda_ != 1:
+            mixed *= lambda_
+        return part_base + mixed
+
+    return combine_in_blocks(dropped, base, fuse)

@@ -14,6 +14,7 @@ from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
+    combine_in_blocks,
     density_param,
     elect_and_combine,
     scale_search,
@@ -104,19 +105,21 @@ def _fuse(
     aggregate: str,
     elect: bool,
 ) -> torch.Tensor:
-    w = stack_weights(weight, dropped)
-    deltas = dropped * w
-    mixed = elect_and_combine(
-        deltas,
-        w,
-        consensus="sign" if elect else None,
-        sign="weighted_sum",
-        zero_sign=1.0,
-        aggregate=aggregate,
-    )
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+    def fuse(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+        w = stack_weights(weight, part)
+        mixed = elect_and_combine(
+            part * w,
+            w,
+            consensus="sign" if elect else None,
+            sign="weighted_sum",
+            zero_sign=1.0,
+            aggregate=aggregate,
+        )
+        if lambda_ != 1:
+            mixed *= lambda_
+        return part_base + mixed
+
+    return combine_in_blocks(dropped, base, fuse)
 
 
 _DOC = """

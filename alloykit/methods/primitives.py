@@ -6,6 +6,7 @@ Notation: δ_t = θ_t − θ_0 is model t's task vector for one tensor, w_t its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -174,6 +175,35 @@ def elect_and_combine(
     if record is not None:
         record.update(total=total, kept=kept)
     return mixed
+
+
+COMBINE_BLOCK = 1 << 20  # entries combined at a time by combine_in_blocks
+
+
+def combine_in_blocks(
+    stacked: torch.Tensor,
+    base: torch.Tensor,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    block: int | None = None,
+) -> torch.Tensor:
+    """``combine(stacked, base)`` for a combination that works entry by entry (a sign election and
+    sum over the task axis, then θ_0 + …), run over blocks of ``block`` entries: a whole-tensor
+    job (an embedding under a per-tensor mask) then holds no (T, …)-sized temporaries beside its
+    stacked task vectors. ``stacked`` is (T, …) and ``base`` (…); the same bytes as one call."""
+    block = block or COMBINE_BLOCK
+    numel = base.numel()
+    if numel <= block:
+        return combine(stacked, base)
+    flat = stacked.reshape(stacked.shape[0], -1)
+    flat_base = base.reshape(-1)
+    out: torch.Tensor | None = None
+    for start in range(0, numel, block):
+        part = combine(flat[:, start : start + block], flat_base[start : start + block])
+        if out is None:
+            out = torch.empty(numel, dtype=part.dtype, device=part.device)
+        out[start : start + block] = part
+    assert out is not None
+    return out.reshape(base.shape)
 
 
 def stack_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
     ModelTopK,
+    combine_in_blocks,
     density_param,
     elect_and_combine,
     scale_search,
@@ -221,8 +222,6 @@ def ties(
     sum is exactly 0 are rewritten once it is known (the same bytes as a separate pass).
     """
     raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
-    w = stack_weights(weight, raw)
-    deltas = raw if all(x == 1 for x in weight) else raw * w  # (× 1 is exact: skip the copy)
     # The model majority may still be unknown: the engine then sums it in this pass (see
     # _defer_zero_sums) and we merge with +1 meanwhile.
     pending = zero_sign == "model_majority" and "majority_sign" not in (ctx.stats or {})
@@ -234,18 +233,26 @@ def ties(
         # where(γ > 0, τ > 0, τ < 0) keeps the negative entries, i.e. behaves as γ = −1.
         fallback = majority if majority != 0 else -1.0
     record: dict[str, torch.Tensor] | None = {} if pending else None
-    mixed = elect_and_combine(
-        deltas,
-        w,
-        consensus="sign",
-        sign=sign,
-        zero_sign=fallback,
-        aggregate=aggregate,
-        raw=raw,
-        record=record,
-    )
-    if lambda_ != 1:
-        mixed *= lambda_
-    if record is not None:
-        _defer_zero_sums(ctx, record, raw, deltas, weight, base, sign, aggregate, lambda_)
-    return base + mixed
+
+    def combine(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+        w = stack_weights(weight, part)
+        deltas = part if all(x == 1 for x in weight) else part * w  # (× 1 is exact: skip the copy)
+        mixed = elect_and_combine(
+            deltas,
+            w,
+            consensus="sign",
+            sign=sign,
+            zero_sign=fallback,
+            aggregate=aggregate,
+            raw=part,
+            record=record,
+        )
+        if lambda_ != 1:
+            mixed *= lambda_
+        if record is not None:
+            _defer_zero_sums(ctx, record, part, deltas, weight, part_base, sign, aggregate, lambda_)
+        return part_base + mixed
+
+    if record is not None:  # the deferred entries are reported once for the whole job
+        return combine(raw, base)
+    return combine_in_blocks(raw, base, combine)

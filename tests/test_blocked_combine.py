@@ -1,0 +1,65 @@
+"""Whole-tensor jobs combine their task vectors in blocks of entries, and DELLA ranks rows in
+blocks: the bytes do not depend on the block size (tiny blocks against one block)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alloykit.methods._sparsify as sparsify
+import alloykit.methods.primitives as primitives
+from alloykit import merge_state_dicts
+from alloykit.methods._sparsify import magprune_probabilities
+
+CASES = [
+    ("della", "paper", {}),
+    ("della", "mergekit", {"density": 0.5, "epsilon": 0.1}),
+    ("della_linear", "paper", {"density": 0.4, "epsilon": 0.2, "aggregate": "weighted_mean"}),
+    ("breadcrumbs", "mergekit", {"density": 0.6}),
+    ("breadcrumbs_ties", "mergekit", {"density": 0.6, "aggregate": "weighted_mean"}),
+    ("dare", "mergekit", {"density": 0.4}),
+    ("dare", "mergekit_ties", {"density": 0.4}),
+    ("ties", "mergekit", {"density": 0.3, "weight": [0.2, 0.5, 1.0], "lambda": 0.8}),
+    ("ties", "paper", {"topk": "tensor", "density": 0.4, "zero_sign": "positive", "aggregate": "mean"}),
+]
+
+
+def _models(dtype: torch.dtype) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(4)
+    shapes = {"emb": (30, 17), "conv": (4, 3, 5), "b": (17,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    fts = [{n: v + 0.05 * torch.randn(v.shape, generator=g) for n, v in base.items()} for _ in range(3)]
+    fts[0]["emb"][5] = base["emb"][5]  # a row one model leaves alone: zero task-vector entries
+    return {n: v.to(dtype) for n, v in base.items()}, [{n: v.to(dtype) for n, v in f.items()} for f in fts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,preset,params", CASES)
+def test_blocks_give_the_bytes_of_one_block(monkeypatch, method, preset, params, dtype):
+    base, fts = _models(dtype)
+    kw = dict(parameters=params, preset=preset, seed=3)
+    whole = merge_state_dicts(fts, base, method, **kw)
+    monkeypatch.setattr(primitives, "COMBINE_BLOCK", 7)
+    monkeypatch.setattr(sparsify, "_RANK_BLOCK", 20)  # one row of 17 per block, a conv row of 15
+    blocked = merge_state_dicts(fts, base, method, **kw)
+    for k, v in whole.items():
+        assert torch.equal(blocked[k], v), k
+
+
+@pytest.mark.parametrize("convention", ["reference", "mergekit"])
+def test_ranks_are_the_inverse_of_the_sort_order(convention):
+    """MAGPRUNE's ranks, scattered from one argsort, equal the double argsort of the definition."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 13, generator=g)
+    x[2, :5] = 0.0  # ties: the order among them is argsort's, in both computations
+    p = magprune_probabilities(x, 0.5, 0.2, convention)
+    ranks = torch.argsort(x.abs(), dim=1).argsort(dim=1) + 1  # 1 … n per row
+    expected = (0.5 - 0.2) + (ranks.float() - 1) / 12 * 0.4
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+
+
+def test_combine_in_blocks_covers_every_entry_once():
+    stacked = torch.arange(2 * 23, dtype=torch.float32).reshape(2, 23)
+    base = torch.full((23,), 0.5)
+    out = primitives.combine_in_blocks(stacked, base, lambda part, b: b + part.sum(0), block=5)
+    assert torch.equal(out, base + stacked.sum(0))
