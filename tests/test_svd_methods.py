@@ -425,6 +425,8 @@ def test_the_gram_route_falls_back_to_the_svd_past_its_bound():
         ("model_stock", "mergekit"),
         ("neuromerging", None),
         ("neuromerging", "code"),
+        ("della", None),
+        ("della_linear", "mergekit"),
     ],
 )
 @pytest.mark.parametrize("out_dtype", [None, "float32"])

@@ -84,10 +84,13 @@ def _dropped(
     name: str,
 ) -> torch.Tensor:
     check_magprune_window(density, epsilon, f"{name} (tensor {ctx.name!r})" if ctx.name else name)
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted: each τ_t is written
+    # over a widened copy of θ_t (exact), in the dtype the engine would have widened them to.
+    work = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
+    out = torch.empty((len(tensors), *base.shape), dtype=work, device=base.device)
     for i, x in enumerate(tensors):
         out[i] = magprune_drop(
-            x - base,
+            x.to(work, copy=True).sub_(base),
             density[i],
             epsilon[i],
             rescale=rescale,
@@ -165,6 +168,7 @@ def _memory_factor(params: dict[str, Any]) -> float:
     presets={"paper": PAPER, "mergekit": MERGEKIT},
     default_preset="paper",
     memory_factor=_memory_factor,
+    widens_inputs=True,
     elementwise=_elementwise("della"),
 )
 def della(
@@ -200,6 +204,7 @@ def della(
     presets={"paper": PAPER, "mergekit": {**MERGEKIT, "aggregate": "sum"}},
     default_preset="paper",
     memory_factor=_memory_factor,
+    widens_inputs=True,
     elementwise=_elementwise("della_linear"),
 )
 def della_linear(
