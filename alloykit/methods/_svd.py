@@ -447,7 +447,9 @@ def iso_cts_matrix(
     if n_t == 0:  # only the common space: Iso-C, computed as Iso-C computes it
         return iso_c_matrix(deltas, rank_tol=rank_tol, top_svd=top_svd)
     dtype, device = deltas[0].dtype, deltas[0].device
-    total = torch.stack(deltas).sum(dim=0)
+    total = torch.zeros_like(deltas[0])  # 0 + τ_1 + … in order: the bytes of a stacked sum,
+    for d in deltas:  # without a stacked copy
+        total += d
     uc, sc, vhc = top_svd(total, k_c, stream=len(deltas))
     del total
     if sc.numel():
@@ -457,8 +459,9 @@ def iso_cts_matrix(
         d = deltas[t]
         if consume:
             deltas[t] = None  # type: ignore[call-overload]
-        resid = d - uc @ (uc.mT @ d)
-        del d
+        projected = uc @ (uc.mT @ d)
+        resid = torch.sub(d, projected, out=projected)  # τ_t − U_c U_cᵀ τ_t, over the projection
+        del d, projected
         if not bool(resid.any()):
             continue
         u, s, vh = top_svd(resid, n_t, stream=t)
