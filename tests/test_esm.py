@@ -369,3 +369,27 @@ def test_the_merge_is_affine_in_alpha_as_declared(preset):
         got = at(a)
         for k in base:
             torch.testing.assert_close(got[k], zero[k] + a * (one[k] - zero[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"task_power": 1e9, "layer_power": 0.0}, "task_power=1e+09"),
+        ({"eigen_power": 1e9, "layer_power": 0.0}, "eigen_power=1e+09"),
+        ({"column_power": 1e9, "layer_power": 0.0}, "column_power=1e+09"),
+        ({"layer_power": 1e9}, "layer_power=1e+09"),
+    ],
+)
+def test_powers_that_overflow_are_refused_by_name(params, message):
+    """Found by the recipe fuzzer: ratios of norms raised to huge powers are inf (or 0, then
+    0/0), which reached the SVD as an internal error; now a ParameterError naming the power."""
+    from alloykit.errors import ParameterError
+
+    base, fts, data = _family(2, seed=7)
+    fts_sd = [m.state_dict() for m in fts]
+    stats = [collect_activation_statistics(m, d) for m, d in zip(fts, data, strict=True)]
+    with pytest.raises(ParameterError, match=message.replace("+", r"\+")) as err:
+        merge_state_dicts(fts_sd, base, "esm", statistics=stats, parameters=params)
+    assert "overflow" in str(err.value)
+    ok = merge_state_dicts(fts_sd, base, "esm", statistics=stats, parameters={"task_power": 4.0})
+    assert all(bool(torch.isfinite(v).all()) for v in ok.values())

@@ -3,12 +3,14 @@ shifts it causes on calibration data, rescale, decorrelate across tasks, add."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
 
 from alloykit.calibration.statistics import gram_of
+from alloykit.errors import ParameterError
 from alloykit.methods._svd import thin_svd, tsv_m_matrix, tsv_rank
 from alloykit.methods.base import Continuous, Param, TensorContext, merge_method
 
@@ -154,6 +156,13 @@ def essential_factors(
         mean_col = cols.mean()
         if float(mean_col) > 0:
             c_cat = c_cat * (cols / mean_col).pow(column_power)[None, :]
+    if not (bool(torch.isfinite(e_cat).all()) and bool(torch.isfinite(c_cat).all())):
+        # a ratio raised to a large power leaves the float range (inf, or 0 then 0/0)
+        raise ParameterError(
+            f"esm: the polarized scaling overflows (eigen_power={eigen_power:g}, task_power="
+            f"{task_power:g}, column_power={column_power:g}): ratios of norms raised to these powers "
+            "are not finite; use smaller powers (the paper's are 0 to 2)"
+        )
     return e_cat, c_cat
 
 
@@ -199,19 +208,22 @@ def esm_update(
     if transposed:  # GPT-2 Conv1D: the weight is d_in × d_out
         deltas = [d.T for d in deltas]
     eps = torch.finfo(wd).eps
-    update = esm_matrix(
-        deltas,
-        list(ctx.statistics),
-        eigen_power=params["eigen_power"],
-        task_power=params["task_power"],
-        column_power=params["column_power"],
-        factor=params["factor"],
-        min_rank=params["min_rank"],
-        rank=params["rank"],
-        basis_norm=params["basis_norm"],
-        tol=max(deltas[0].shape) * eps,
-        warn=(lambda msg: ctx.warn(f"esm, {ctx.name!r}: {msg}")),
-    )
+    try:
+        update = esm_matrix(
+            deltas,
+            list(ctx.statistics),
+            eigen_power=params["eigen_power"],
+            task_power=params["task_power"],
+            column_power=params["column_power"],
+            factor=params["factor"],
+            min_rank=params["min_rank"],
+            rank=params["rank"],
+            basis_norm=params["basis_norm"],
+            tol=max(deltas[0].shape) * eps,
+            warn=(lambda msg: ctx.warn(f"esm, {ctx.name!r}: {msg}")),
+        )
+    except ParameterError as e:  # (the scaling overflowed: say where)
+        raise ParameterError(f"{e} (tensor {ctx.name!r})") from None
     return (update.T if transposed else update), branch
 
 
@@ -246,7 +258,16 @@ class LayerNorms:
         scale = {}
         for name, n in norms.items():
             mean = means[layer_type(name)]
-            scale[name] = (n / mean) ** p if mean > 0 else 1.0
+            try:
+                scale[name] = (n / mean) ** p if mean > 0 else 1.0
+            except OverflowError:
+                scale[name] = math.inf
+            if not math.isfinite(scale[name]):
+                raise ParameterError(
+                    f"esm: layer_power={p:g} makes the inter-layer scale (‖ΔW‖ / mean)^p of tensor "
+                    f"{name!r} overflow ({n:.4g} / {mean:.4g} raised to {p:g}); use a smaller power "
+                    "(the paper's is 2)"
+                )
         return {"layer_scale": scale, "layer_norm": norms}
 
 
