@@ -269,10 +269,32 @@ def test_a_bfloat16_compute_dtype_is_computed_in_float32(preset):
     """There is no bfloat16 QR/SVD on CPU (it used to fail with geqrf_cpu): a bfloat16 compute
     dtype gives the float32 merge rounded to bfloat16, which is what it writes by default."""
     base = make_base(dtype=torch.bfloat16)
-    fts = make_finetunes(base)
+    fts = make_finetunes(base, scale=0.3)  # differences across binades: not exact in bfloat16
+    diff = fts[0]["layers.1.mlp.weight"].float() - base["layers.1.mlp.weight"].float()
+    assert not torch.equal(diff, diff.bfloat16().float())
     kw = dict(preset=preset, parameters={"mask_rate": 0.5, "lambda1": 0.3})
     half = merge_state_dicts(fts, base, "neuromerging", dtype="bfloat16", **kw)
     full = merge_state_dicts(fts, base, "neuromerging", dtype="float32", out_dtype="float32", **kw)
     for k, v in full.items():
         assert half[k].dtype == torch.bfloat16
         assert torch.equal(half[k], v.to(torch.bfloat16)), k
+
+
+def test_whole_model_trim_statistics_use_the_merge_pass_dtype():
+    """With a bfloat16 compute dtype NeuroMerging's task vectors are float32 (above); the
+    whole-model top-k histograms must see the same float32 |θ_t − θ_0|, not a bfloat16-rounded
+    one, or the threshold would not match the values it trims."""
+    from alloykit.methods import get_method
+    from alloykit.methods.base import TensorContext
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 32, generator=g).bfloat16()
+    x = (base.float() + 0.3 * torch.randn(64, 32, generator=g)).bfloat16()
+    assert not torch.equal(x.float() - base.float(), (x - base).float())  # bf16 would round
+    method = get_method("neuromerging")
+    params = method.resolve(1, global_params={"mask_rate": 0.5})
+    half = method.reduction.map(0, None, [x], base, TensorContext("w", result_dtype=torch.bfloat16), params)
+    full = method.reduction.map(
+        0, None, [x.float()], base.float(), TensorContext("w", result_dtype=torch.float32), params
+    )
+    assert torch.equal(half["count"], full["count"]) and torch.equal(half["mass"], full["mass"])

@@ -318,6 +318,8 @@ class ModelTopK:
             # |x − base| in place over one copy of x (inputs as stored, for a method that widens
             # them itself: in its dtype, the base widened inside the subtraction)
             wide = ctx.result_dtype if ctx is not None else None
+            if wide is not None and wide.itemsize < 4:
+                wide = torch.float32  # a method that widens computes half precision in float32
             wide = wide or torch.promote_types(x.dtype, base.dtype)
             mags = x.to(wide, copy=True).sub_(base).abs_().float().reshape(-1)
             bits = mags.view(torch.int32)
