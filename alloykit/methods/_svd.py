@@ -369,7 +369,13 @@ def tsv_m_matrix(
         return torch.zeros(m, n, dtype=dtype, device=device)
     u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
     del us, vhs
-    return top_svd.polar(u) @ (s[:, None] * top_svd.polar(vh))
+    # each stacked basis is dropped once its polar factor exists (an embedding-sized U is
+    # m × r: it would otherwise stay beside its factor and the product)
+    pu = top_svd.polar(u)
+    del u
+    pv = top_svd.polar(vh)
+    del vh
+    return pu @ (s[:, None] * pv)
 
 
 def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -474,4 +480,9 @@ def iso_cts_matrix(
     u = torch.cat([*us, uc], dim=1)
     s = torch.cat([*ss, sc])
     vh = torch.cat([*vhs, vhc], dim=0)
-    return s.mean() * (top_svd.polar(u) @ top_svd.polar(vh))
+    del us, vhs, uc, vhc
+    pu = top_svd.polar(u)
+    del u  # (as in tsv_m_matrix)
+    pv = top_svd.polar(vh)
+    del vh
+    return (pu @ pv).mul_(s.mean())  # mean(s) · polar(U) polar(Vᵀ), scaled in place
