@@ -118,7 +118,7 @@ def magprune_probabilities(
         rank_values = torch.arange(n, device=delta.device).to(work) + 1  # order.to(work) + 1
     rank_values = rank_values.view(1, n, *([1] * (rows.dim() - 2)))
     ranks = torch.empty(rows.shape, dtype=work, device=delta.device)
-    per_row = max(1, rows[0].numel())
+    per_row = max(1, rows[0].numel()) if rows.shape[0] else 1
     step = max(1, _RANK_BLOCK // per_row)
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
