@@ -12,12 +12,10 @@ from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
-    combine_in_blocks,
     density_param,
-    elect_and_combine,
     rescale_l1,
     scale_search,
-    stack_weights,
+    weighted_merge,
 )
 
 # Declared defaults are the paper preset's. density: the reference code's hyper-parameter search
@@ -100,21 +98,7 @@ def _masked(
 def _combine(
     masked: torch.Tensor, base: torch.Tensor, weight: list[float], lambda_: float, aggregate: str, ties: bool
 ) -> torch.Tensor:
-    def combine(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
-        w = stack_weights(weight, part)
-        mixed = elect_and_combine(
-            part * w,
-            w,
-            consensus="sign" if ties else None,
-            sign="weighted_sum",
-            zero_sign=1.0,
-            aggregate=aggregate,
-        )
-        if lambda_ != 1:
-            mixed *= lambda_
-        return part_base + mixed
-
-    return combine_in_blocks(masked, base, combine)
+    return weighted_merge(masked, base, weight, lambda_, elect=ties, aggregate=aggregate)
 
 
 _DOC = """

@@ -9,12 +9,10 @@ from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
     bernoulli_mask,
-    combine_in_blocks,
     density_param,
-    elect_and_combine,
     rescale_l1,
     scale_search,
-    stack_weights,
+    weighted_merge,
 )
 
 PAPER = {}
@@ -104,19 +102,6 @@ def dare(
                 d = d * mask
         dropped[i] = d
 
-    def fuse(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
-        w = stack_weights(weight, part)
-        mixed = elect_and_combine(
-            part * w,
-            w,
-            consensus="sign" if combine == "ties" else None,
-            sign=sign,
-            zero_sign=1.0,
-            aggregate=aggregate,
-            raw=part,
-        )
-        if lambda_ != 1:
-            mixed *= lambda_
-        return part_base + mixed
-
-    return combine_in_blocks(dropped, base, fuse)
+    return weighted_merge(
+        dropped, base, weight, lambda_, elect=combine == "ties", aggregate=aggregate, sign=sign
+    )

@@ -14,11 +14,9 @@ from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
-    combine_in_blocks,
     density_param,
-    elect_and_combine,
     scale_search,
-    stack_weights,
+    weighted_merge,
 )
 
 
@@ -108,21 +106,7 @@ def _fuse(
     aggregate: str,
     elect: bool,
 ) -> torch.Tensor:
-    def fuse(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
-        w = stack_weights(weight, part)
-        mixed = elect_and_combine(
-            part * w,
-            w,
-            consensus="sign" if elect else None,
-            sign="weighted_sum",
-            zero_sign=1.0,
-            aggregate=aggregate,
-        )
-        if lambda_ != 1:
-            mixed *= lambda_
-        return part_base + mixed
-
-    return combine_in_blocks(dropped, base, fuse)
+    return weighted_merge(dropped, base, weight, lambda_, elect=elect, aggregate=aggregate)
 
 
 _DOC = """

@@ -206,6 +206,37 @@ def combine_in_blocks(
     return out.reshape(base.shape)
 
 
+def weighted_merge(
+    stacked: torch.Tensor,
+    base: torch.Tensor,
+    weight: list[float],
+    lambda_: float,
+    *,
+    elect: bool,
+    aggregate: str,
+    sign: str = "weighted_sum",
+) -> torch.Tensor:
+    """θ_0 + λ · :func:`elect_and_combine` of the weighted task vectors w_t δ_t (``stacked`` is
+    (T, …)), with a sign election (zero sign → +) when ``elect``; in blocks of entries."""
+
+    def combine(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+        w = stack_weights(weight, part)
+        mixed = elect_and_combine(
+            part * w,
+            w,
+            consensus="sign" if elect else None,
+            sign=sign,
+            zero_sign=1.0,
+            aggregate=aggregate,
+            raw=part,
+        )
+        if lambda_ != 1:
+            mixed *= lambda_
+        return part_base + mixed
+
+    return combine_in_blocks(stacked, base, combine)
+
+
 def stack_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-model weights as a (T, 1, …, 1) tensor broadcastable to stacked (T, …) deltas."""
     w = torch.tensor(weights, dtype=like.dtype, device=like.device)
