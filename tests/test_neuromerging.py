@@ -298,3 +298,55 @@ def test_whole_model_trim_statistics_use_the_merge_pass_dtype():
         0, None, [x.float()], base.float(), TensorContext("w", result_dtype=torch.float32), params
     )
     assert torch.equal(half["count"], full["count"]) and torch.equal(half["mass"], full["mass"])
+
+
+def test_block_size_changes_no_byte():
+    """Neurons are merged in blocks; the batched QR rounds by where a matrix sits in its batch,
+    so blocks are whole multiples of 8 neurons. Odd sizes (3, 233: one row of a 700-row matrix
+    of 3 × 90 updates left over) must give the bytes of one whole batch."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(700, 90, generator=g), "c": torch.randn(41, 11, 3, generator=g)}
+    fts = [{k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    whole = merge_state_dicts(fts, base, "neuromerging", parameters={"block_rows": 4096})
+    for rows in [0, 1, 3, 9, 233]:
+        got = merge_state_dicts(fts, base, "neuromerging", parameters={"block_rows": rows})
+        for k, v in whole.items():
+            assert torch.equal(got[k], v), (rows, k)
+
+
+def test_an_empty_matrix_merges_to_itself():
+    """A (0, n) tensor has no neuron (its rows could not be shaped by -1: it used to fail)."""
+    base = make_base()
+    base["empty.weight"] = torch.zeros(0, 4)
+    fts = make_finetunes(base)
+    out = merge_state_dicts(fts, base, "neuromerging", parameters={"mask_rate": 0.5})
+    assert out["empty.weight"].shape == (0, 4)
+    close(out, reference({k: v for k, v in base.items() if k != "empty.weight"}, fts, 0.5))
+
+
+@pytest.mark.parametrize("threshold", ["exact", "approximate"])
+def test_whole_model_trim_histograms_in_blocks_of_entries(monkeypatch, threshold):
+    """The whole-model trim's histograms are taken over blocks of entries (an embedding gets no
+    tensor-sized float32 copies): with blocks of 7 entries, counts, L1 masses and the merge equal
+    one block per tensor."""
+    import alloykit.methods.primitives as primitives
+    from alloykit.methods import get_method
+    from alloykit.methods.base import TensorContext
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(50, 33, generator=g)
+    xs = [base + 0.1 * torch.randn(50, 33, generator=g) for _ in range(2)]
+    method = get_method("neuromerging")
+    params = method.resolve(2, global_params={"mask_rate": 0.6, "threshold": threshold})
+    ctx = TensorContext("w", result_dtype=torch.float32)
+    whole = method.reduction.map(0, None, xs, base, ctx, params)
+    models = make_finetunes(make_base())
+    ref = merge_state_dicts(models[1:], models[0], "neuromerging", parameters={"threshold": threshold})
+    monkeypatch.setattr(primitives, "_HISTOGRAM_BLOCK", 7)
+    blocked = method.reduction.map(0, None, xs, base, ctx, params)
+    assert torch.equal(whole["count"], blocked["count"]) and torch.equal(whole["mass"], blocked["mass"])
+    mags = torch.stack([(x - base).abs().reshape(-1) for x in xs])  # an independent histogram
+    keys = mags.view(torch.int32) >> 16
+    assert torch.equal(blocked["count"][1], torch.bincount(keys[1], minlength=1 << 15))
+    got = merge_state_dicts(models[1:], models[0], "neuromerging", parameters={"threshold": threshold})
+    assert all(torch.equal(got[k], v) for k, v in ref.items())

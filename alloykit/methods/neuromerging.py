@@ -11,7 +11,7 @@ from alloykit.errors import ParameterError
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import ModelTopK
 
-_TRIM_BLOCK = 1 << 20  # entries masked at a time
+_BLOCK_ENTRIES = 1 << 20  # entries per task vector in one block of neurons (block_rows=0)
 
 
 def _mask_rank(numel: int, task: int, params: dict[str, Any]) -> int | None:
@@ -71,13 +71,38 @@ def orthogonal_part(perp: torch.Tensor, v: torch.Tensor, s: torch.Tensor, energy
 
 
 def _row_blocks(rows: int, block: int) -> list[slice]:
+    """Blocks of ``block`` rows rounded down to a multiple of 8 (at least 8). The batched QR
+    rounds according to where each matrix sits in the batch's buffer (its alignment); with
+    blocks of 8 matrices every row sits as it would in one whole batch, so the block size
+    changes no bit of the result."""
+    block = max(8, block - block % 8)
     return [slice(start, start + block) for start in range(0, rows, block)]
 
 
+def trimmed_rows(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    thresholds: list[float | None],
+    rows: slice,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The trimmed task vectors τ_t = θ_t − θ_0 (|τ_t| < threshold_t set to 0) of ``rows`` of
+    (m, n) matrices, stacked (T, b, n) in ``dtype``. Every entry depends on its inputs only, so a
+    block of rows has the bytes of the same rows of the whole tensor."""
+    out = torch.empty((len(tensors), *base[rows].shape), dtype=dtype, device=base.device)
+    for t, (x, thr) in enumerate(zip(tensors, thresholds, strict=True)):
+        out[t].copy_(x[rows]).sub_(base[rows])  # in the wider dtype (out= would subtract in the inputs')
+        if thr is not None:
+            out[t] *= out[t].abs().float() >= thr
+    return out
+
+
 def neuronal_update(
-    tau: torch.Tensor,
+    tensors: list[torch.Tensor],
     w0: torch.Tensor,
+    thresholds: list[float | None],
     *,
+    dtype: torch.dtype,
     lambda1: float,
     lambda2: float,
     parallel: str,
@@ -85,16 +110,24 @@ def neuronal_update(
     svd: str,
     block_rows: int,
 ) -> torch.Tensor:
-    """λ1 ψ∥ + λ2 ψ⊥ for one matrix: ``tau`` (T, m, n) trimmed task vectors, ``w0`` (m, n).
+    """λ1 ψ∥ + λ2 ψ⊥ for one matrix: ``tensors`` the T fine-tuned (m, n) matrices, ``w0`` the
+    pre-trained one, ``thresholds`` each task's trim threshold (None: no trim), in ``dtype``.
 
-    ``w0`` may be narrower than ``tau`` (bfloat16 as stored): it is widened one block of rows at
-    a time. Everything is computed in blocks of ``block_rows`` rows: each row's sums are the same
-    whatever the block, and no (m, n) product or widened copy of w0 is held."""
-    dtype = tau.dtype
+    The inputs may be narrower than ``dtype`` (bfloat16 as stored). Everything is computed in
+    blocks of ``block_rows`` rows, the trimmed task vectors of a block formed when needed (twice:
+    for the projections, then for the orthogonal parts): each row's sums are the same whatever
+    the block, and no (T, m, n) task vectors, (m, n) product or widened copy of w0 is held."""
+    if block_rows == 0:  # about 1M entries per task: a few MB per block, and faster than larger ones
+        block_rows = max(1, _BLOCK_ENTRIES // max(1, w0.shape[1]))
     blocks = _row_blocks(w0.shape[0], block_rows)
     norm_sq = torch.cat([w0[r].to(dtype).square().sum(-1) for r in blocks])  # (m,)
     safe = torch.where(norm_sq > 0, norm_sq, 1.0)
-    dots = torch.stack([torch.cat([(t[r] * w0[r].to(dtype)).sum(-1) for r in blocks]) for t in tau])
+    dots = torch.empty((len(tensors), w0.shape[0]), dtype=dtype, device=w0.device)
+    for r in blocks:
+        tau = trimmed_rows(tensors, w0, thresholds, r, dtype)
+        w = w0[r].to(dtype)
+        for t in range(len(tensors)):
+            dots[t, r] = (tau[t] * w).sum(-1)
     a = torch.where(norm_sq > 0, dots / safe, 0.0)  # (T, m); zero rows: no parallel part
     del dots
     a_bar = disjoint_mean(a, task_dim=0, majority_dims=None)  # (m,) majority over the layer
@@ -110,7 +143,8 @@ def neuronal_update(
     if lambda2 == 0:
         return out
     for r in blocks:
-        perp = (tau[:, r] - a[:, r].unsqueeze(-1) * w0[r].to(dtype)).transpose(0, 1)  # (b, T, n)
+        tau = trimmed_rows(tensors, w0, thresholds, r, dtype)
+        perp = tau.sub_(a[:, r].unsqueeze(-1) * w0[r].to(dtype)).transpose(0, 1)  # (b, T, n)
         v, s = neuron_basis(perp, svd)
         out[r] += lambda2 * orthogonal_part(perp, v, s, energy)
     return out
@@ -184,7 +218,13 @@ def sigma_lambda2(removed_l1: list[float]) -> float:
             choices=("qr", "exact"),
             help="per-neuron SVD: QR-reduced (fast) or torch.linalg.svd on each T × n",
         ),
-        Param("block_rows", int, 4096, ge=1, help="neurons per batched SVD (bounds memory)"),
+        Param(
+            "block_rows",
+            int,
+            0,
+            ge=0,
+            help="neurons per batched SVD, a multiple of 8 (bounds memory; 0: about 1M entries)",
+        ),
     ],
     needs_base=True,
     presets={"paper": {}, "code": {"parallel": "unit", "svd": "exact"}},
@@ -245,31 +285,28 @@ def neuromerging(
     """
     stats = ctx.stats or {}
     thresholds = stats.get("threshold") or [None] * len(tensors)
-    # (T, …), each difference written in place and trimmed in row blocks: an embedding-sized
-    # tensor gets no stacked copy and no tensor-sized masks
-    # Inputs may arrive as stored (bfloat16) with a float32 result wanted: widened here, exactly.
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted: widened here, exactly,
+    # one block of rows at a time (an embedding-sized tensor gets no stacked task vectors).
     # A half-precision compute dtype is computed in float32 (LAPACK has no bfloat16 QR/SVD) and
     # the result rounded to it.
     wanted = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
     dtype = wanted if wanted.itemsize >= 4 else torch.float32
-    tau = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
-    for t, (x, thr) in enumerate(zip(tensors, thresholds, strict=True)):
-        tau[t].copy_(x).sub_(base)  # in the wider dtype (out= would subtract in the inputs')
-        if thr is not None:
-            flat = tau[t].view(-1)
-            for i in range(0, flat.numel(), _TRIM_BLOCK):
-                part = flat[i : i + _TRIM_BLOCK]
-                part *= part.abs().float() >= thr
     lam2 = sigma_lambda2(stats.get("removed_l1", [])) if lambda2_rule == "sigma" else lambda2
+    if base.numel() == 0:  # (a (0, n) matrix has no neuron; its rows cannot be shaped by -1)
+        return base.to(wanted, copy=True)
     if base.dim() <= 1:
         scale = lam2 if point_lambda == "lambda2" else (lambda1 + lam2) / 2
-        flat = tau.reshape(len(tensors), -1)
+        points = [x.reshape(1, -1) for x in tensors]
+        flat = trimmed_rows(points, base.reshape(1, -1), thresholds, slice(None), dtype)
+        flat = flat.reshape(len(tensors), -1)
         mean = disjoint_mean(flat, task_dim=0, majority_dims=None).reshape(base.shape)
         return (base.to(dtype) + scale * mean).to(wanted)
     w0 = base.reshape(base.shape[0], -1)  # (widened block by block)
     update = neuronal_update(
-        tau.reshape(len(tensors), *w0.shape),
+        [x.reshape(w0.shape) for x in tensors],
         w0,
+        thresholds,
+        dtype=dtype,
         lambda1=lambda1,
         lambda2=lam2,
         parallel=parallel,
@@ -277,7 +314,7 @@ def neuromerging(
         svd=svd,
         block_rows=block_rows,
     )
-    del tau, w0  # (the task vectors are not needed for the sum)
+    del w0
     # float32 update += base, widened inside the addition; a narrower update (bfloat16 compute
     # with float32 inputs, never the engine's case) is promoted as before
     merged = (

@@ -6,7 +6,7 @@ Notation: δ_t = θ_t − θ_0 is model t's task vector for one tensor, w_t its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -246,6 +246,7 @@ def stack_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- whole-model top-k
 
 
+_HISTOGRAM_BLOCK = 1 << 20  # entries of one tensor histogrammed at a time
 _HI = 1 << 15  # float32 bit patterns of |x| have sign bit 0: the top 16 bits lie in [0, 2**15)
 
 
@@ -326,11 +327,20 @@ class ModelTopK:
         majority = state["majority_sign"]
         return majority if majority != 0 else -1.0
 
-    def _histograms(self, keys: torch.Tensor, mags: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-        out = {"count": torch.bincount(keys, minlength=size)}
-        if self.l1:
-            out["mass"] = torch.bincount(keys, weights=mags.double(), minlength=size)
-        return out
+    def _histograms(
+        self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]], size: int
+    ) -> dict[str, torch.Tensor]:
+        """Bucket counts (and, for ``l1``, float64 sums of the magnitudes) of (keys, magnitudes)
+        blocks. The blocking changes no bit: counts are integers, and every bucket holds values
+        of one float32 exponent (24 significant bits on one grid), whose float64 sum is exact in
+        any order for fewer than 2**29 entries."""
+        count = torch.zeros(size, dtype=torch.int64)
+        mass = torch.zeros(size, dtype=torch.float64) if self.l1 else None
+        for keys, mags in blocks:
+            count += torch.bincount(keys, minlength=size)
+            if mass is not None:
+                mass += torch.bincount(keys, weights=mags.double(), minlength=size)
+        return {"count": count} if mass is None else {"count": count, "mass": mass}
 
     def map(
         self,
@@ -345,27 +355,41 @@ class ModelTopK:
             # Sign pass: the method computes the elected signs; we only add them up.
             return self.elected_sign(tensors, base, state, params).sum().to(torch.float64)
         rows = []
+        # |x − base| of each task in blocks of entries: an embedding-sized tensor gets no
+        # tensor-sized float32 magnitudes, bit patterns or float64 weights
+        wide = ctx.result_dtype if ctx is not None else None
+        if wide is not None and wide.itemsize < 4:
+            wide = torch.float32  # a method that widens computes half precision in float32
+        flat_base = base.reshape(-1)
         for t, x in enumerate(tensors):
-            # |x − base| in place over one copy of x (inputs as stored, for a method that widens
-            # them itself: in its dtype, the base widened inside the subtraction)
-            wide = ctx.result_dtype if ctx is not None else None
-            if wide is not None and wide.itemsize < 4:
-                wide = torch.float32  # a method that widens computes half precision in float32
-            wide = wide or torch.promote_types(x.dtype, base.dtype)
-            mags = x.to(wide, copy=True).sub_(base).abs_().float().reshape(-1)
-            bits = mags.view(torch.int32)
-            if index == 0:
-                rows.append(self._histograms(bits >> 16, mags, _HI))
-                continue
-            bucket = state["bucket"][t][0]
-            inside = (
-                (bits >> 16) == bucket if bucket is not None else torch.zeros_like(bits, dtype=torch.bool)
-            )
-            keep = inside.nonzero().squeeze(1)  # few entries: gather them once
+            # in the method's dtype (inputs as stored, for a method that widens them itself: the
+            # base widened inside the subtraction)
+            dtype = wide or torch.promote_types(x.dtype, base.dtype)
+            flat = x.reshape(-1)
+            bucket = state["bucket"][t][0] if index else None
             rows.append(
-                self._histograms(bits.take(keep) & 0xFFFF, mags.take(keep) if self.l1 else mags, 1 << 16)
+                self._histograms(
+                    self._bucket_keys(flat, flat_base, dtype, index, bucket),
+                    _HI if index == 0 else 1 << 16,
+                )
             )
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    @staticmethod
+    def _bucket_keys(
+        flat: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, index: int, bucket: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, magnitudes) per block of entries: pass 0 keys every |τ| by the top 16 bits of
+        its float32 pattern; pass 1 keys the entries of the chosen bucket by the low 16 bits."""
+        for i in range(0, flat.numel(), _HISTOGRAM_BLOCK):
+            part = slice(i, i + _HISTOGRAM_BLOCK)
+            mags = flat[part].to(dtype, copy=True).sub_(base[part]).abs_().float()
+            bits = mags.view(torch.int32)
+            if index == 0:
+                yield bits >> 16, mags
+            elif bucket is not None:
+                keep = ((bits >> 16) == bucket).nonzero().squeeze(1)  # few entries: gather them
+                yield bits.take(keep) & 0xFFFF, mags.take(keep)
 
     def fold(self, index: int, acc: Any, partial: Any) -> Any:
         if acc is None:
