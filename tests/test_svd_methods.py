@@ -463,3 +463,47 @@ def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(
     for k in widened:
         assert narrow[k].dtype == widened[k].dtype == (torch.float32 if out_dtype else torch.bfloat16)
         assert torch.equal(narrow[k], widened[k]), k
+
+
+def test_task_vectors_are_formed_when_asked_and_merge_as_a_list_does():
+    """``merge_tensor`` hands the matrix merges lazily formed task vectors (one embedding-sized
+    τ_t in memory at a time): each item is a fresh θ_t − θ_0 in float32 of the (rows, rest)
+    shape, and TSV-M, Iso-C and Iso-CTS give the bytes they give for a list of the same."""
+    from alloykit.methods._svd import TaskVectors, iso_c_matrix, iso_cts_matrix, tsv_m_matrix
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 4, 5, generator=g).bfloat16()
+    fts = [(base.float() + 0.1 * torch.randn(30, 4, 5, generator=g)).bfloat16() for _ in range(3)]
+    lazy = TaskVectors(fts, base, torch.float32)
+    listed = [(x.float() - base.float()).reshape(30, 20) for x in fts]
+    assert len(lazy) == 3 and lazy.shape == (30, 20)
+    first = lazy[0]
+    first.zero_()  # the caller's own: the next one is formed anew
+    assert all(torch.equal(a, b) for a, b in zip(lazy[0:3], listed, strict=True))
+    assert torch.equal(lazy[-1], listed[-1])
+    for fn in (tsv_m_matrix, iso_c_matrix, iso_cts_matrix):
+        assert torch.equal(fn(lazy), fn(listed)), fn.__name__
+        assert torch.equal(fn(lazy), fn(TaskVectors(fts, base, torch.float32))), fn.__name__
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_a_narrow_base_is_subtracted_and_added_in_blocks_of_entries(method, monkeypatch):
+    """A float32 tensor minus a bfloat16 one makes torch widen the whole bfloat16 tensor first
+    (an embedding-sized temporary); the base is subtracted and added back in blocks instead.
+    Blocks of 7 entries give the bytes of one whole operation."""
+    import alloykit.methods.primitives as primitives
+    from alloykit.methods.primitives import add_base_, task_vector
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 30, generator=g).bfloat16()
+    base = torch.randn(40, 30, generator=g).bfloat16()
+    whole = x.float() - base.float()
+    models = [{"w": base, "b": base[0]}] + [
+        {"w": (base.float() + 0.1 * torch.randn(40, 30, generator=g)).bfloat16(), "b": x[i]} for i in range(2)
+    ]
+    ref = merge_state_dicts(models[1:], models[0], method, out_dtype="float32")
+    monkeypatch.setattr(primitives, "COMBINE_BLOCK", 7)
+    assert torch.equal(task_vector(x, base, torch.float32), whole)
+    assert torch.equal(add_base_(whole.clone(), base), whole + base.float())
+    got = merge_state_dicts(models[1:], models[0], method, out_dtype="float32")
+    assert all(torch.equal(got[k], v) for k, v in ref.items())

@@ -24,11 +24,13 @@ SVDs of half-precision matrices are not available or not accurate; the result is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import overload
 
 import torch
 
 from alloykit.methods.base import Param
+from alloykit.methods.primitives import add_base_, task_vector
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -95,6 +97,40 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+class TaskVectors(Sequence[torch.Tensor]):
+    """The T task vectors τ_t = θ_t − θ_0 of one tensor as (rows, rest) matrices in ``dtype``,
+    each formed when it is asked for (a fresh tensor every time: the inputs, bfloat16 as
+    stored, are widened exactly). A matrix merge that uses each τ_t in turn then holds one of
+    them at a time, not T embedding-sized copies beside its decompositions; one that needs a
+    τ_t twice (Iso-CTS: the sum, then the residual) forms it twice, the same bytes."""
+
+    fresh = True  # (every item is the caller's own)
+
+    def __init__(self, tensors: list[torch.Tensor], base: torch.Tensor, dtype: torch.dtype):
+        self.tensors, self.base, self.dtype = tensors, base, dtype
+        self.shape = (base.shape[0], base[0].numel() if base.shape[0] else 0)
+        self.device = base.device
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @overload
+    def __getitem__(self, t: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, t: slice) -> list[torch.Tensor]: ...
+    def __getitem__(self, t: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(t, slice):
+            return [self[i] for i in range(len(self))[t]]
+        return task_vector(self.tensors[t], self.base, self.dtype).reshape(self.shape)
+
+
+def matrix_meta(deltas: Sequence[torch.Tensor]) -> tuple[int, int, torch.dtype, torch.device]:
+    """Rows, columns, dtype and device of the task-vector matrices (without forming one)."""
+    if isinstance(deltas, TaskVectors):
+        return *deltas.shape, deltas.dtype, deltas.device
+    return *deltas[0].shape, deltas[0].dtype, deltas[0].device
+
+
 def merge_tensor(
     tensors: list[torch.Tensor],
     base: torch.Tensor,
@@ -102,26 +138,28 @@ def merge_tensor(
     alpha: float,
     matrices: str,
     conv: str,
-    merge_matrix: Callable[[list[torch.Tensor]], torch.Tensor],
+    merge_matrix: Callable[[Sequence[torch.Tensor]], torch.Tensor],
     summed: bool = False,
     result_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ_0 + α · update, with the update chosen by tensor class (see the module docstring).
 
-    ``merge_matrix`` maps the T task vectors of one m × n matrix to the merged m × n update (the
-    list it is given is its own: it may set entries to None once used); with ``summed`` it is
-    given their sum alone, accumulated one task vector at a time (Iso-C: an embedding-sized
-    matrix then never has T task vectors in memory at once). The result is in ``result_dtype``
-    (default: the base's dtype); the inputs may be narrower (bfloat16 as stored, see
-    ``MergeMethod.widens_inputs``): every difference and the final sum are taken in the work
-    dtype, and the base is never copied whole in it."""
+    ``merge_matrix`` maps the T task vectors of one m × n matrix (a :class:`TaskVectors`: each
+    formed when indexed) to the merged m × n update; with ``summed`` it is given their sum alone,
+    accumulated one task vector at a time (Iso-C). An embedding-sized job then never has T task
+    vectors in memory at once. The result is in ``result_dtype`` (default: the base's dtype);
+    the inputs may be narrower (bfloat16 as stored, see ``MergeMethod.widens_inputs``): every
+    difference and the final sum are taken in the work dtype, and the base is never copied
+    whole in it."""
     wd = work_dtype(base)
     out = result_dtype or base.dtype
     rule = "mean" if base.dim() < 2 else matrices if base.dim() == 2 else conv
-    if summed and rule != "mean" and base.numel():
+    if base.numel() == 0:
+        return base.to(out, copy=True)
+    if summed and rule != "mean":
         total, changed, d = None, False, None
         for t in tensors:
-            d = t.to(wd, copy=True).sub_(base)
+            d = task_vector(t, base, wd)
             changed = changed or bool(d.any())
             total = d if total is None else total.add_(d)
         del d  # (the last task vector would otherwise stay alive through the decomposition)
@@ -129,23 +167,19 @@ def merge_tensor(
             return base.to(out, copy=True)
         update = merge_matrix([total.reshape(base.shape[0], -1)]).reshape(base.shape)
         del total
-        return update.mul_(alpha).add_(base).to(out)
-    deltas = [t.to(wd, copy=True).sub_(base) for t in tensors]
-    if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
-        return base.to(out, copy=True)
+        return add_base_(update.mul_(alpha), base).to(out)
     if rule == "mean":
+        deltas = [task_vector(t, base, wd) for t in tensors]
+        if not any(bool(d.any()) for d in deltas):
+            return base.to(out, copy=True)
         update = torch.stack(deltas).mean(dim=0)
     else:
-        rows = base.shape[0]
-        # the list is the matrix merge's own: it may drop a task vector once it has used it
-        # (TSV-M, Iso-CTS: after its SVD), so that an embedding-sized job does not hold all T
-        # through the polar steps
-        matrices_in = [d.reshape(rows, -1) for d in deltas]
-        del deltas
-        update = merge_matrix(matrices_in).reshape(base.shape)
-        del matrices_in
+        lazy = TaskVectors(tensors, base, wd)
+        if not any(bool(lazy[t].any()) for t in range(len(lazy))):  # (one at a time)
+            return base.to(out, copy=True)
+        update = merge_matrix(lazy).reshape(base.shape)
     # in place: an embedding-sized update is not copied twice more
-    return update.mul_(alpha).add_(base).to(out)
+    return add_base_(update.mul_(alpha), base).to(out)
 
 
 # ----------------------------------------------------------------------------- decompositions
@@ -334,29 +368,25 @@ def tsv_rank(r: int, n_tasks: int, min_rank: int = 0) -> int:
 
 
 def tsv_m_matrix(
-    deltas: list[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
     *,
     min_rank: int = 0,
     rank_tol: float = 0.0,
     top_svd: TopSVD | None = None,
-    consume: bool = False,
 ) -> torch.Tensor:
     """TSV-M update of one matrix: ΔW = polar(U) diag(s) polar(Vᵀ), where U = [U_1,k … U_T,k],
     s = [s_1,k … s_T,k], Vᵀ = [V_1,kᵀ; …; V_T,kᵀ] are the top k = ``tsv_rank`` triplets of each τ_t.
 
     A task whose τ_t is exactly zero contributes no triplets (the reference code would insert
     the arbitrary singular vectors of a zero matrix, with zero weight but tilting the polar
-    factors of the others). ``consume``: each entry of ``deltas`` is set to None once decomposed
-    (memory: the list is the caller's scratch)."""
+    factors of the others). Each τ_t is taken from ``deltas`` once, in turn (a
+    :class:`TaskVectors` forms it then)."""
     top_svd = top_svd or TopSVD()
-    m, n = deltas[0].shape
-    dtype, device = deltas[0].dtype, deltas[0].device
+    m, n, dtype, device = matrix_meta(deltas)
     k = tsv_rank(min(m, n), len(deltas), min_rank)
     us, ss, vhs = [], [], []
     for t in range(len(deltas)):
         d = deltas[t]
-        if consume:
-            deltas[t] = None  # type: ignore[call-overload]  # (the caller's copy is gone too)
         if k == 0 or not bool(d.any()):
             continue
         u, s, vh = top_svd(d, k, stream=t)
@@ -384,7 +414,7 @@ def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tenso
 
 
 def iso_c_matrix(
-    deltas: list[torch.Tensor], *, rank_tol: float = 0.0, top_svd: TopSVD | None = None
+    deltas: Sequence[torch.Tensor], *, rank_tol: float = 0.0, top_svd: TopSVD | None = None
 ) -> torch.Tensor:
     """Iso-C update of one matrix: Σ_t τ_t = U diag(s) Vᵀ, ΔW = mean(s) · U Vᵀ (= mean(s) ·
     polar(Σ_t τ_t) when every direction is kept: the Gram route needs no U)."""
@@ -404,14 +434,14 @@ def iso_c_matrix(
     return isotropic(s, u, vh)
 
 
-def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
+def _sum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_t τ_t in one buffer (no stacked copy), in the reference's order of additions (one
     tensor: the sum already, as ``merge_tensor(summed=True)`` gives it)."""
     if len(deltas) == 1:
         return deltas[0]
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total += d
+    total = deltas[0] if getattr(deltas, "fresh", False) else deltas[0].clone()
+    for t in range(1, len(deltas)):
+        total += deltas[t]
     return total
 
 
@@ -429,14 +459,14 @@ def iso_cts_sizes(r: int, n_tasks: int, common_fraction: float) -> tuple[int, in
 
 
 def iso_cts_matrix(
-    deltas: list[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
     *,
     common_fraction: float = 0.8,
     rank_tol: float = 0.0,
     top_svd: TopSVD | None = None,
-    consume: bool = False,
 ) -> torch.Tensor:
-    """Iso-CTS update of one matrix (``consume``: as for :func:`tsv_m_matrix`).
+    """Iso-CTS update of one matrix. Each τ_t is taken from ``deltas`` twice (the sum, then its
+    residual; a :class:`TaskVectors` forms it each time, so no T of them are held at once).
 
     1. Common space: the top k_c triplets (U_c, s_c, V_cᵀ) of Σ_t τ_t.
     2. Task-specific: for each t, the top n_t triplets of the residual τ_t − U_c U_cᵀ τ_t.
@@ -448,14 +478,13 @@ def iso_cts_matrix(
     ``common_fraction=1`` gives Iso-C exactly. A task whose residual is exactly zero contributes
     no triplets."""
     top_svd = top_svd or TopSVD()
-    m, n = deltas[0].shape
+    m, n, dtype, device = matrix_meta(deltas)
     k_c, n_t = iso_cts_sizes(min(m, n), len(deltas), common_fraction)
     if n_t == 0:  # only the common space: Iso-C, computed as Iso-C computes it
         return iso_c_matrix(deltas, rank_tol=rank_tol, top_svd=top_svd)
-    dtype, device = deltas[0].dtype, deltas[0].device
-    total = torch.zeros_like(deltas[0])  # 0 + τ_1 + … in order: the bytes of a stacked sum,
-    for d in deltas:  # without a stacked copy
-        total += d
+    total = torch.zeros(m, n, dtype=dtype, device=device)  # 0 + τ_1 + … in order: the bytes
+    for t in range(len(deltas)):  # of a stacked sum, without a stacked copy
+        total += deltas[t]
     uc, sc, vhc = top_svd(total, k_c, stream=len(deltas))
     del total
     if sc.numel():
@@ -463,14 +492,13 @@ def iso_cts_matrix(
     us, ss, vhs = [], [], []
     for t in range(len(deltas)):
         d = deltas[t]
-        if consume:
-            deltas[t] = None  # type: ignore[call-overload]
         projected = uc @ (uc.mT @ d)
         resid = torch.sub(d, projected, out=projected)  # τ_t − U_c U_cᵀ τ_t, over the projection
         del d, projected
         if not bool(resid.any()):
             continue
         u, s, vh = top_svd(resid, n_t, stream=t)
+        del resid  # (else the last one would stay beside the polar steps)
         u, s, vh = _keep(u, s, vh, rank_tol, s[0])
         us.append(u)
         ss.append(s)

@@ -16,6 +16,7 @@ from alloykit.methods.primitives import (
     WEIGHT,
     density_param,
     scale_search,
+    task_vector,
     weighted_merge,
 )
 
@@ -88,7 +89,7 @@ def _dropped(
     out = torch.empty((len(tensors), *base.shape), dtype=work, device=base.device)
     for i, x in enumerate(tensors):
         out[i] = magprune_drop(
-            x.to(work, copy=True).sub_(base),
+            task_vector(x, base, work),
             density[i],
             epsilon[i],
             rescale=rescale,

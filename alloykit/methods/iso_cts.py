@@ -98,7 +98,7 @@ def iso_cts(
         matrices=matrices,
         conv=conv,
         merge_matrix=lambda ds: iso_cts_matrix(
-            ds, common_fraction=common_fraction, rank_tol=rank_tol, top_svd=top, consume=True
+            ds, common_fraction=common_fraction, rank_tol=rank_tol, top_svd=top
         ),
         result_dtype=ctx.result_dtype,
     )

@@ -9,7 +9,7 @@ import torch
 
 from alloykit.errors import ParameterError
 from alloykit.methods.base import Param, TensorContext, merge_method
-from alloykit.methods.primitives import ModelTopK
+from alloykit.methods.primitives import ModelTopK, add_base_
 
 _BLOCK_ENTRIES = 1 << 20  # entries per task vector in one block of neurons (block_rows=0)
 
@@ -315,10 +315,10 @@ def neuromerging(
         block_rows=block_rows,
     )
     del w0
-    # float32 update += base, widened inside the addition; a narrower update (bfloat16 compute
+    # float32 update += base, widened a block at a time; a narrower update (bfloat16 compute
     # with float32 inputs, never the engine's case) is promoted as before
     merged = (
-        update.reshape(base.shape).add_(base)
+        add_base_(update.reshape(base.shape), base)
         if update.dtype == torch.promote_types(update.dtype, base.dtype)
         else base + update.reshape(base.shape)
     )

@@ -206,6 +206,32 @@ def combine_in_blocks(
     return out.reshape(base.shape)
 
 
+def _inplace_in_blocks(
+    out: torch.Tensor, other: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``op(out, other)`` in place for tensors of one shape. Where ``other`` is of another dtype
+    (a bfloat16 base beside float32 work), torch on CPU first copies the whole of it in
+    ``out``'s dtype, a tensor-sized temporary; blocks of entries bound it. Entry by entry, so
+    the bytes do not depend on the blocks."""
+    if other.dtype == out.dtype or out.numel() <= COMBINE_BLOCK or not out.is_contiguous():
+        return op(out, other)
+    flat, flat_other = out.view(-1), other.reshape(-1)
+    for start in range(0, flat.numel(), COMBINE_BLOCK):
+        op(flat[start : start + COMBINE_BLOCK], flat_other[start : start + COMBINE_BLOCK])
+    return out
+
+
+def task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """θ_t − θ_0 in ``dtype``, a fresh tensor; the inputs may be narrower (as stored) and are
+    widened exactly, the base one block at a time."""
+    return _inplace_in_blocks(x.to(dtype, copy=True), base, torch.Tensor.sub_)
+
+
+def add_base_(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``update += base`` in place, the base widened one block at a time."""
+    return _inplace_in_blocks(update, base, torch.Tensor.add_)
+
+
 def weighted_merge(
     stacked: torch.Tensor,
     base: torch.Tensor,

@@ -93,8 +93,6 @@ def tsv_m(
         alpha=alpha,
         matrices=matrices,
         conv=conv,
-        merge_matrix=lambda ds: tsv_m_matrix(
-            ds, min_rank=min_rank, rank_tol=rank_tol, top_svd=top, consume=True
-        ),
+        merge_matrix=lambda ds: tsv_m_matrix(ds, min_rank=min_rank, rank_tol=rank_tol, top_svd=top),
         result_dtype=ctx.result_dtype,
     )
