@@ -354,14 +354,14 @@ class ModelTopK:
         return majority if majority != 0 else -1.0
 
     def _histograms(
-        self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]], size: int
+        self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]], size: int, device: torch.device
     ) -> dict[str, torch.Tensor]:
         """Bucket counts (and, for ``l1``, float64 sums of the magnitudes) of (keys, magnitudes)
         blocks. The blocking changes no bit: counts are integers, and every bucket holds values
         of one float32 exponent (24 significant bits on one grid), whose float64 sum is exact in
         any order for fewer than 2**29 entries."""
-        count = torch.zeros(size, dtype=torch.int64)
-        mass = torch.zeros(size, dtype=torch.float64) if self.l1 else None
+        count = torch.zeros(size, dtype=torch.int64, device=device)
+        mass = torch.zeros(size, dtype=torch.float64, device=device) if self.l1 else None
         for keys, mags in blocks:
             count += torch.bincount(keys, minlength=size)
             if mass is not None:
@@ -397,6 +397,7 @@ class ModelTopK:
                 self._histograms(
                     self._bucket_keys(flat, flat_base, dtype, index, bucket),
                     _HI if index == 0 else 1 << 16,
+                    x.device,
                 )
             )
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
