@@ -104,8 +104,6 @@ class TaskVectors(Sequence[torch.Tensor]):
     them at a time, not T embedding-sized copies beside its decompositions; one that needs a
     τ_t twice (Iso-CTS: the sum, then the residual) forms it twice, the same bytes."""
 
-    fresh = True  # (every item is the caller's own)
-
     def __init__(self, tensors: list[torch.Tensor], base: torch.Tensor, dtype: torch.dtype):
         self.tensors, self.base, self.dtype = tensors, base, dtype
         self.shape = (base.shape[0], base[0].numel() if base.shape[0] else 0)
@@ -439,7 +437,7 @@ def _sum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     tensor: the sum already, as ``merge_tensor(summed=True)`` gives it)."""
     if len(deltas) == 1:
         return deltas[0]
-    total = deltas[0] if getattr(deltas, "fresh", False) else deltas[0].clone()
+    total = deltas[0] if isinstance(deltas, TaskVectors) else deltas[0].clone()  # (fresh: ours)
     for t in range(1, len(deltas)):
         total += deltas[t]
     return total

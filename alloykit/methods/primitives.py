@@ -410,7 +410,7 @@ class ModelTopK:
         its float32 pattern; pass 1 keys the entries of the chosen bucket by the low 16 bits."""
         for i in range(0, flat.numel(), _HISTOGRAM_BLOCK):
             part = slice(i, i + _HISTOGRAM_BLOCK)
-            mags = flat[part].to(dtype, copy=True).sub_(base[part]).abs_().float()
+            mags = task_vector(flat[part], base[part], dtype).abs_().float()
             bits = mags.view(torch.int32)
             if index == 0:
                 yield bits >> 16, mags
