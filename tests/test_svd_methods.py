@@ -507,3 +507,53 @@ def test_a_narrow_base_is_subtracted_and_added_in_blocks_of_entries(method, monk
     assert torch.equal(add_base_(whole.clone(), base), whole + base.float())
     got = merge_state_dicts(models[1:], models[0], method, out_dtype="float32")
     assert all(torch.equal(got[k], v) for k, v in ref.items())
+
+
+
+def test_iso_cts_residual_adds_its_task_vector_in_blocks_of_entries(monkeypatch):
+    """Iso-CTS's residual τ_t − U_c U_cᵀ τ_t is formed as (−U_c U_cᵀ τ_t) + τ_t, with τ_t added a
+    block of entries at a time (no embedding-sized τ_t beside the projection): the bytes of the
+    plain formula, for any block size, and a caller's list of task vectors is left as it was."""
+    import alloykit.methods._svd as svd
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(63, 5, 4, generator=g).bfloat16()
+    fts = [(base.float() + 0.1 * torch.randn(63, 5, 4, generator=g)).bfloat16() for _ in range(3)]
+    lazy = svd.TaskVectors(fts, base, torch.float32)
+    listed = [(x.float() - base.float()).reshape(63, 20) for x in fts]
+    kept = [x.clone() for x in listed]
+    basis = torch.linalg.qr(torch.randn(63, 9, generator=g))[0]
+    projection = basis @ (basis.mT @ listed[1])
+    ref = svd.iso_cts_matrix(listed, common_fraction=0.5)
+    for block in (7, 20, 5000):
+        monkeypatch.setattr(svd, "COMBINE_BLOCK", block)
+        got = svd.add_task_vector_(projection.neg(), lazy, 1)
+        assert torch.equal(got, listed[1] - projection), block
+        assert torch.equal(svd.iso_cts_matrix(lazy, common_fraction=0.5), ref), block
+    assert torch.equal(svd.iso_cts_matrix(listed, common_fraction=0.5), ref)
+    assert all(torch.equal(a, b) for a, b in zip(listed, kept, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(90, 12), (12, 90)])
+def test_gram_polar_written_over_its_input_gives_the_same_bytes(shape):
+    """The Gram route's polar factor may be written over its input (TSV-M's and Iso-CTS's
+    stacked bases, Iso-C's own sum: one matrix-sized buffer less). The bytes are those of a
+    fresh result, the factor lives in the input's storage, and an input that is not the merge's
+    own (Iso-C given a caller's single matrix) is left as it was."""
+    from alloykit.methods._svd import TopSVD, _times64, gram_polar, iso_c_matrix
+
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(*shape, generator=g)
+    fresh = gram_polar(a)
+    work = a.clone()
+    over = gram_polar(work, overwrite=True)
+    assert torch.equal(over, fresh) and torch.equal(work, fresh)
+    assert over.data_ptr() == work.data_ptr()
+    kept = a.clone()
+    iso = iso_c_matrix([a], top_svd=TopSVD("auto"))
+    assert torch.equal(a, kept)
+    assert torch.equal(iso_c_matrix([a.clone()], top_svd=TopSVD("auto"), owned=True), iso)
+    mean_sigma = torch.linalg.svdvals(a.double()).mean().float()
+    assert torch.allclose(iso, fresh * mean_sigma, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="only when right is square"):
+        _times64(a, torch.zeros(shape[1], 3, dtype=torch.float64), overwrite=True)

@@ -30,7 +30,7 @@ from typing import overload
 import torch
 
 from alloykit.methods.base import Param
-from alloykit.methods.primitives import add_base_, task_vector
+from alloykit.methods.primitives import COMBINE_BLOCK, add_base_, task_vector
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -120,6 +120,19 @@ class TaskVectors(Sequence[torch.Tensor]):
         if isinstance(t, slice):
             return [self[i] for i in range(len(self))[t]]
         return task_vector(self.tensors[t], self.base, self.dtype).reshape(self.shape)
+
+
+def add_task_vector_(out: torch.Tensor, deltas: Sequence[torch.Tensor], t: int) -> torch.Tensor:
+    """``out += τ_t`` in place. A :class:`TaskVectors` forms τ_t one block of entries at a time
+    (never whole); each entry is the one ``deltas[t]`` would hold, so the bytes are the same."""
+    if not isinstance(deltas, TaskVectors):
+        return out.add_(deltas[t])
+    flat = out.view(-1)  # (out is a fresh, contiguous product)
+    x, base = deltas.tensors[t].reshape(-1), deltas.base.reshape(-1)
+    for start in range(0, flat.numel(), COMBINE_BLOCK):
+        part = slice(start, start + COMBINE_BLOCK)
+        flat[part] += task_vector(x[part], base[part], deltas.dtype)
+    return out
 
 
 def matrix_meta(deltas: Sequence[torch.Tensor]) -> tuple[int, int, torch.dtype, torch.device]:
@@ -233,12 +246,17 @@ def _gram64(a: torch.Tensor) -> torch.Tensor:
     for i in range(0, a.shape[0], _ROWS):
         block = a[i : i + _ROWS].double()
         g.addmm_(block.mT, block)
+        del block  # (else the next block is made while this one is still held)
     return g
 
 
-def _times64(a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """A · right (right float64), by row blocks of A in float64, returned in A's dtype."""
-    out = torch.empty(a.shape[0], right.shape[1], dtype=a.dtype, device=a.device)
+def _times64(a: torch.Tensor, right: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """A · right (right float64), by row blocks of A in float64, returned in A's dtype. With
+    ``overwrite`` (right square) the result is written over A itself: each block of output rows
+    needs only the same rows of A, read before they are written."""
+    if overwrite and right.shape[0] != right.shape[1]:
+        raise ValueError("A · right can be written over A only when right is square")
+    out = a if overwrite else torch.empty(a.shape[0], right.shape[1], dtype=a.dtype, device=a.device)
     for i in range(0, a.shape[0], _PRODUCT_ROWS):
         out[i : i + _PRODUCT_ROWS] = (a[i : i + _PRODUCT_ROWS].double() @ right).to(a.dtype)
     return out
@@ -271,11 +289,15 @@ def gram_svd(a: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch
     return u, s.to(a.dtype), v.mT.to(a.dtype)
 
 
-def gram_polar(a: torch.Tensor, s_out: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+def gram_polar(
+    a: torch.Tensor, s_out: list[torch.Tensor] | None = None, overwrite: bool = False
+) -> torch.Tensor | None:
     """polar(a) = A (AᵀA)^(-1/2) through the float64 Gram matrix, or None when a is too ill
-    conditioned (see ``gram_svd``). ``s_out`` receives the singular values."""
+    conditioned (see ``gram_svd``; ``a`` is then untouched). ``s_out`` receives the singular
+    values. With ``overwrite`` the factor is written over ``a`` (the same bytes, one
+    matrix-sized buffer less: callers that drop ``a`` anyway)."""
     if a.shape[0] < a.shape[1]:
-        p = gram_polar(a.mT, s_out)
+        p = gram_polar(a.mT, s_out, overwrite)
         return None if p is None else p.mT
     lam, w = _eig_desc(_gram64(a))
     s = lam.clamp(min=0).sqrt()
@@ -283,7 +305,7 @@ def gram_polar(a: torch.Tensor, s_out: list[torch.Tensor] | None = None) -> torc
         return None
     if s_out is not None:
         s_out.append(s.to(a.dtype))
-    return _times64(a, (w / s) @ w.mT)
+    return _times64(a, (w / s) @ w.mT, overwrite)
 
 
 def randomized_svd(
@@ -336,9 +358,11 @@ class TopSVD:
         u, s, vh = thin_svd(a)
         return u[:, :k], s[:k], vh[:k]
 
-    def polar(self, a: torch.Tensor) -> torch.Tensor:
+    def polar(self, a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """polar(a); with ``overwrite`` the Gram route may write it over ``a`` (then the
+        caller's ``a`` holds the factor; the exact route leaves it as it was)."""
         if self.how == "auto" and worth_gram(a):
-            got = gram_polar(a)
+            got = gram_polar(a, overwrite=overwrite)
             if got is not None:
                 return got
             self.fallbacks += 1
@@ -397,11 +421,11 @@ def tsv_m_matrix(
         return torch.zeros(m, n, dtype=dtype, device=device)
     u, s, vh = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
     del us, vhs
-    # each stacked basis is dropped once its polar factor exists (an embedding-sized U is
-    # m × r: it would otherwise stay beside its factor and the product)
-    pu = top_svd.polar(u)
+    # each stacked basis is dropped once its polar factor exists, or is overwritten by it (an
+    # embedding-sized U is m × r: it would otherwise stay beside its factor and the product)
+    pu = top_svd.polar(u, overwrite=True)
     del u
-    pv = top_svd.polar(vh)
+    pv = top_svd.polar(vh, overwrite=True)
     del vh
     return pu @ (s[:, None] * pv)
 
@@ -412,15 +436,23 @@ def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tenso
 
 
 def iso_c_matrix(
-    deltas: Sequence[torch.Tensor], *, rank_tol: float = 0.0, top_svd: TopSVD | None = None
+    deltas: Sequence[torch.Tensor],
+    *,
+    rank_tol: float = 0.0,
+    top_svd: TopSVD | None = None,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Iso-C update of one matrix: Σ_t τ_t = U diag(s) Vᵀ, ΔW = mean(s) · U Vᵀ (= mean(s) ·
-    polar(Σ_t τ_t) when every direction is kept: the Gram route needs no U)."""
+    polar(Σ_t τ_t) when every direction is kept: the Gram route needs no U). ``owned``: the
+    given tensors are the caller's to lose (``merge_tensor(summed=True)``'s own sum); a sum of
+    several, or of a :class:`TaskVectors`, is always ours, and the polar factor is written
+    over it."""
     top_svd = top_svd or TopSVD()
     total = _sum(deltas)
+    ours = owned or isinstance(deltas, TaskVectors) or len(deltas) > 1
     if top_svd.how == "auto" and rank_tol <= 0 and worth_gram(total):
         s_all: list[torch.Tensor] = []
-        p = gram_polar(total, s_all)
+        p = gram_polar(total, s_all, overwrite=ours)
         if p is not None:
             return p.mul_(s_all[0].mean())
         top_svd.fallbacks += 1
@@ -489,10 +521,11 @@ def iso_cts_matrix(
         uc, sc, vhc = _keep(uc, sc, vhc, rank_tol, sc[0])
     us, ss, vhs = [], [], []
     for t in range(len(deltas)):
-        d = deltas[t]
-        projected = uc @ (uc.mT @ d)
-        resid = torch.sub(d, projected, out=projected)  # τ_t − U_c U_cᵀ τ_t, over the projection
-        del d, projected
+        coeffs = uc.mT @ deltas[t]  # (τ_t is dropped before the projection is formed)
+        # τ_t − U_c U_cᵀ τ_t as (−U_c U_cᵀ τ_t) + τ_t: the same bytes (a − b is a + (−b)), with τ_t
+        # added a block at a time, so no embedding-sized τ_t sits beside the projection
+        resid = add_task_vector_((uc @ coeffs).neg_(), deltas, t)
+        del coeffs
         if not bool(resid.any()):
             continue
         u, s, vh = top_svd(resid, n_t, stream=t)
@@ -507,8 +540,8 @@ def iso_cts_matrix(
     s = torch.cat([*ss, sc])
     vh = torch.cat([*vhs, vhc], dim=0)
     del us, vhs, uc, vhc
-    pu = top_svd.polar(u)
+    pu = top_svd.polar(u, overwrite=True)
     del u  # (as in tsv_m_matrix)
-    pv = top_svd.polar(vh)
+    pv = top_svd.polar(vh, overwrite=True)
     del vh
     return (pu @ pv).mul_(s.mean())  # mean(s) · polar(U) polar(Vᵀ), scaled in place

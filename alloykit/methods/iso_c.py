@@ -77,7 +77,8 @@ def iso_c(
         alpha=alpha,
         matrices=matrices,
         conv=conv,
-        merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol, top_svd=TopSVD(svd)),
+        # (summed: the one matrix given is merge_tensor's own sum, free to overwrite)
+        merge_matrix=lambda ds: iso_c_matrix(ds, rank_tol=rank_tol, top_svd=TopSVD(svd), owned=True),
         summed=True,
         result_dtype=ctx.result_dtype,
     )
