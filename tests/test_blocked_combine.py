@@ -63,3 +63,29 @@ def test_combine_in_blocks_covers_every_entry_once():
     base = torch.full((23,), 0.5)
     out = primitives.combine_in_blocks(stacked, base, lambda part, b: b + part.sum(0), block=5)
     assert torch.equal(out, base + stacked.sum(0))
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
+def test_magprune_draws_its_mask_in_blocks_and_can_write_over_delta(monkeypatch, rescale):
+    """MAGPRUNE draws its Bernoulli mask a block of entries at a time and applies it at once:
+    the result is the formula's with one whole draw from the same generator (m⊙δ/p, m⊙δ·‖δ‖₁/‖m⊙δ‖₁
+    or m⊙δ), and ``inplace`` writes it over δ itself."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 13, generator=g)
+    p = magprune_probabilities(x, 0.5, 0.2, "reference")
+    m = torch.bernoulli(p, generator=torch.Generator().manual_seed(7))
+    masked = x * m
+    expected = {
+        "inverse": masked / p,
+        "l1": masked * (x.abs().sum() / masked.abs().sum()),
+        "none": masked,
+    }[rescale]
+    monkeypatch.setattr(sparsify, "_RANK_BLOCK", 10)  # 12 blocks of the mask, the last one short
+    kw = dict(rescale=rescale, convention="reference")
+    got = sparsify.magprune(x, 0.5, 0.2, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(got, expected)
+    work = x.clone()
+    over = sparsify.magprune(work, 0.5, 0.2, generator=torch.Generator().manual_seed(7), inplace=True, **kw)
+    assert torch.equal(over, expected) and torch.equal(work, expected)
+    with pytest.raises(ValueError, match="in place needs a contiguous torch.float32 tensor"):
+        sparsify.magprune(x.double(), 0.5, 0.2, generator=g, inplace=True, **kw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from alloykit.errors import ParameterError
-from alloykit.methods.primitives import rescale_l1
+from alloykit.methods.primitives import L1_EPS
 
 # ----------------------------------------------------------------------------- Breadcrumbs
 
@@ -143,24 +143,43 @@ def magprune(
     rescale: str,
     convention: str,
     generator: torch.Generator,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """δ with entries dropped by MAGPRUNE and the survivors rescaled; returned in δ's dtype.
 
     density ≥ 1 keeps δ, density ≤ 0 gives zeros (mergekit's rule; the reference would fail).
     m ~ Bernoulli(p) drawn with ``generator``; ``rescale``: ``inverse`` (m⊙δ/p, the paper's
-    1/(1 − p_drop), reference code), ``l1`` (m⊙δ·‖δ‖₁/‖m⊙δ‖₁, mergekit), ``none``."""
+    1/(1 − p_drop), reference code), ``l1`` (m⊙δ·‖δ‖₁/‖m⊙δ‖₁, mergekit), ``none``.
+
+    With ``inplace`` (δ already in the work dtype, contiguous) the result is written over δ.
+    The mask is drawn one block of entries at a time and applied at once, never held whole:
+    CPU Bernoulli draws take the generator's numbers entry after entry, so the blocks draw the
+    mask one whole draw would (the l1 norms are still summed over the whole tensor)."""
     if density >= 1 or delta.numel() == 0:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
     work = magprune_work_dtype(delta.dtype)
-    probs = magprune_probabilities(delta, density, epsilon, convention)
-    mask = torch.bernoulli(probs, generator=generator).to(work)
-    rows = _as_rows(delta, "out" if convention == "reference" else "dim1").to(work)
-    if rescale == "inverse":
-        out = mask.mul_(rows).div_(probs.to(work))  # rows·mask/p, written over the mask
-    elif rescale == "l1":
-        out = rescale_l1(rows, mask)
+    if inplace and (work != delta.dtype or not delta.is_contiguous()):
+        raise ValueError(f"MAGPRUNE in place needs a contiguous {work} tensor, got {delta.dtype}")
+    probs = magprune_probabilities(delta, density, epsilon, convention).to(work)
+    rows = _as_rows(delta, "out" if convention == "reference" else "dim1")
+    if not inplace:
+        rows = rows.to(work, memory_format=torch.contiguous_format, copy=True)
+    l1_before = rows.abs().sum() if rescale == "l1" else None
+    flat, flat_probs = rows.view(-1), probs.view(-1)
+    if flat.numel() <= _RANK_BLOCK:  # one draw of the probabilities as shaped, as the codes draw
+        parts = [(rows, probs)]
     else:
-        out = mask.mul_(rows)
-    return out.to(delta.dtype).reshape(delta.shape)
+        blocks = range(0, flat.numel(), _RANK_BLOCK)
+        parts = [(flat[i : i + _RANK_BLOCK], flat_probs[i : i + _RANK_BLOCK]) for i in blocks]
+    for part, part_probs in parts:
+        # δ·m (= m·δ, the codes' order: a product is the same either way), then ÷ p for inverse
+        part.mul_(torch.bernoulli(part_probs, generator=generator))
+        if rescale == "inverse":
+            part.div_(part_probs)
+    if l1_before is not None:
+        l1_after = rows.abs().sum()
+        if not (l1_before < L1_EPS or l1_after < L1_EPS):  # (as rescale_l1)
+            rows.mul_(l1_before / l1_after)
+    return rows.to(delta.dtype).reshape(delta.shape)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from alloykit.methods._sparsify import check_magprune_window
+from alloykit.methods._sparsify import check_magprune_window, magprune_work_dtype
 from alloykit.methods._sparsify import magprune as magprune_drop
 from alloykit.methods.base import Param, TensorContext, merge_method
 from alloykit.methods.primitives import (
@@ -87,15 +87,22 @@ def _dropped(
     # over a widened copy of θ_t (exact), in the dtype the engine would have widened them to.
     work = ctx.result_dtype or torch.promote_types(tensors[0].dtype, base.dtype)
     out = torch.empty((len(tensors), *base.shape), dtype=work, device=base.device)
+    # each τ_t is formed in its slot of the stack and dropped there (MAGPRUNE in place) where
+    # MAGPRUNE computes in the work dtype (not for float64, which it takes in float32)
+    inplace = magprune_work_dtype(work) == work
     for i, x in enumerate(tensors):
-        out[i] = magprune_drop(
-            task_vector(x, base, work),
+        delta = task_vector(x, base, work, out=out[i] if inplace else None)
+        dropped = magprune_drop(
+            delta,
             density[i],
             epsilon[i],
             rescale=rescale,
             convention=magprune_rule,
             generator=ctx.generator(i),
+            inplace=inplace,
         )
+        if not inplace:
+            out[i] = dropped
     return out
 
 

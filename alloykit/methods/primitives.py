@@ -102,7 +102,10 @@ def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator
     return (float(density) - torch.rand(shape, generator=generator)).sign_().clamp_(min=0)
 
 
-def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+L1_EPS = 1e-7  # below this L1 norm (before or after masking) mergekit does not rescale
+
+
+def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
     """Masked δ times ‖δ‖₁ / ‖masked δ‖₁ (mergekit's ``rescale``; unchanged when a norm < eps)."""
     masked = delta * mask
     before = delta.abs().sum()
@@ -221,10 +224,16 @@ def _inplace_in_blocks(
     return out
 
 
-def task_vector(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """θ_t − θ_0 in ``dtype``, a fresh tensor; the inputs may be narrower (as stored) and are
-    widened exactly, the base one block at a time."""
-    return _inplace_in_blocks(x.to(dtype, copy=True), base, torch.Tensor.sub_)
+def task_vector(
+    x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """θ_t − θ_0 in ``dtype``, a fresh tensor or written into ``out`` (of that dtype); the inputs
+    may be narrower (as stored) and are widened exactly, the base one block at a time."""
+    if out is None:
+        return _inplace_in_blocks(x.to(dtype, copy=True), base, torch.Tensor.sub_)
+    if out.dtype != dtype:
+        raise ValueError(f"task_vector: out is {out.dtype}, expected {dtype}")
+    return _inplace_in_blocks(out.copy_(x), base, torch.Tensor.sub_)
 
 
 def add_base_(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
