@@ -427,16 +427,20 @@ def test_the_gram_route_falls_back_to_the_svd_past_its_bound():
         ("neuromerging", "code"),
         ("della", None),
         ("della_linear", "mergekit"),
+        ("ties", None),  # whole-model trim (2 histogram passes) and the fused model-majority sign
+        ("ties", "mergekit"),
+        ("ties", "mergekit-trim"),  # per-tensor exact top-k (argsort)
+        ("ties", "tensor-kthvalue"),
     ],
 )
 @pytest.mark.parametrize("out_dtype", [None, "float32"])
 def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(
     method, preset, out_dtype, tmp_path, monkeypatch
 ):
-    """The SVD methods (and Model Stock) widen their inputs themselves: with a float32 compute
-    dtype the engine hands them bfloat16 tensors as stored (half the memory). The bytes equal those of inputs
-    widened by the engine first, also when the result is written in float32 (not rounded to
-    bfloat16 on the way)."""
+    """The methods that widen their inputs themselves (SVD methods, Model Stock, NeuroMerging,
+    DELLA, TIES): with a float32 compute dtype the engine hands them bfloat16 tensors as stored
+    (half the memory). The bytes equal those of inputs widened by the engine first, also when
+    the result is written in float32 (not rounded to bfloat16 on the way)."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -455,11 +459,17 @@ def test_bf16_inputs_handed_as_stored_give_the_bytes_of_widened_inputs(
         path = tmp_path / f"m{i}.safetensors"
         save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
         paths.append(str(path))
-    narrow = merge(paths[1:], paths[0], method, preset=preset, out_dtype=out_dtype).state_dict
+    params = {
+        "mergekit-trim": ("mergekit", {"density": 0.3, "lambda": 0.7}),
+        "tensor-kthvalue": (None, {"topk": "tensor", "density": 0.4, "rescale": "l1"}),
+    }
+    preset, params = params.get(preset, (preset, {}))
+    kw = dict(preset=preset, parameters=params, out_dtype=out_dtype)
+    narrow = merge(paths[1:], paths[0], method, **kw).state_dict
     m = methods.get_method(method)
     assert m.widens_inputs
     monkeypatch.setitem(methods.REGISTRY, method, dataclasses.replace(m, widens_inputs=False))
-    widened = merge(paths[1:], paths[0], method, preset=preset, out_dtype=out_dtype).state_dict
+    widened = merge(paths[1:], paths[0], method, **kw).state_dict
     for k in widened:
         assert narrow[k].dtype == widened[k].dtype == (torch.float32 if out_dtype else torch.bfloat16)
         assert torch.equal(narrow[k], widened[k]), k

@@ -70,8 +70,13 @@ def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     above = mags >= kth
     if int(above.sum()) == k:
         return above.reshape(delta.shape)
+    del above
+    # argsort(mags, descending=True), without argsort's own copy of the values: the same sort of
+    # the same values, run over mags itself (ours, not needed after), gives the same order
+    order = torch.empty(mags.numel(), dtype=torch.long, device=mags.device)
+    torch.sort(mags, descending=True, out=(mags, order))
     mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.argsort(mags, descending=True)[:k]] = True
+    mask[order[:k]] = True
     return mask.reshape(delta.shape)
 
 
@@ -499,15 +504,18 @@ def trim_task_vectors(
     topk: str,
     topk_rule: str,
     rescale: str = "none",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(T, …) task vectors δ_t = θ_t − θ_0, each keeping its largest-|δ| entries.
 
     ``topk="model"`` uses the per-task thresholds of :class:`ModelTopK` (in ``ctx.stats``);
     ``topk="tensor"`` trims each tensor on its own with ``topk_rule`` ``exact`` (mergekit) or
-    ``kthvalue`` (reference-code rule). ``rescale="l1"`` restores each δ_t's L1 norm."""
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    ``kthvalue`` (reference-code rule). ``rescale="l1"`` restores each δ_t's L1 norm. The task
+    vectors are in ``dtype`` (default: the base's); narrower inputs (as stored, for a method
+    that widens them itself) are widened exactly, into the stack itself."""
+    out = torch.empty((len(tensors), *base.shape), dtype=dtype or base.dtype, device=base.device)
     for i, x in enumerate(tensors):
-        d = torch.sub(x, base, out=out[i])
+        d = task_vector(x, base, out.dtype, out=out[i])  # (x − base computed in out's dtype)
         if topk == "model":
             thr = ctx.stats["threshold"][i]
             mask = None if thr is None else at_least(d.abs().float(), thr)  # (no copy for float32)
@@ -516,6 +524,10 @@ def trim_task_vectors(
         else:
             mask = None if density[i] >= 1 else topk_mask_kthvalue(d, density[i])
         if mask is not None:
-            # A float mask, as mergekit multiplies: dropped negative entries become -0.0 there too.
-            out[i] = rescale_l1(d, mask) if rescale == "l1" else d * mask.to(d.dtype)
+            # A product with the mask, as mergekit multiplies: dropped negative entries become
+            # -0.0 there too (in place, the boolean mask widened one block at a time)
+            if rescale == "l1":
+                out[i] = rescale_l1(d, mask)
+            else:
+                _inplace_in_blocks(d, mask, torch.Tensor.mul_)
     return out

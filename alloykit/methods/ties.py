@@ -181,6 +181,7 @@ MERGEKIT = {
     memory_factor=_memory_factor,
     elementwise=trims_elementwise,
     ignores=_ignored,
+    widens_inputs=True,
 )
 def ties(
     tensors: list[torch.Tensor],
@@ -221,7 +222,9 @@ def ties(
     model-majority fallback's sign sum is taken in the merge pass itself; entries whose elected
     sum is exactly 0 are rewritten once it is known (the same bytes as a separate pass).
     """
-    raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted (``widens_inputs``): the
+    # task vectors are formed in float32, and θ_0 + … below widens the base one block at a time.
+    raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale, ctx.result_dtype)
     # The model majority may still be unknown: the engine then sums it in this pass (see
     # _defer_zero_sums) and we merge with +1 meanwhile.
     pending = zero_sign == "model_majority" and "majority_sign" not in (ctx.stats or {})
