@@ -89,3 +89,28 @@ def test_magprune_draws_its_mask_in_blocks_and_can_write_over_delta(monkeypatch,
     assert torch.equal(over, expected) and torch.equal(work, expected)
     with pytest.raises(ValueError, match="in place needs a contiguous torch.float32 tensor"):
         sparsify.magprune(x.double(), 0.5, 0.2, generator=g, inplace=True, **kw)
+
+
+def test_task_vector_written_into_a_stack_slot_rounds_as_one_subtraction(monkeypatch):
+    """``task_vector(x, base, dtype, out=slot)`` (DELLA's and TIES's stacks): narrower inputs are
+    widened exactly before the subtraction (bf16 − bf16 into float32 is not rounded to bf16), a
+    wider input is subtracted first and rounded once into a narrower slot, and blocks of 7
+    entries change nothing."""
+    monkeypatch.setattr(primitives, "COMBINE_BLOCK", 7)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 11, generator=g)
+    base = torch.randn(30, 11, generator=g).bfloat16()
+    cases = [
+        (x.bfloat16(), base, torch.float32, x.bfloat16().double() - base.double()),
+        (x.bfloat16(), base.float(), torch.float32, x.bfloat16().double() - base.double()),
+        (x, base, torch.bfloat16, x - base.float()),  # float32 subtraction, then one rounding
+        (x.double(), base.float(), torch.float32, x.double() - base.double()),
+        (x, base.float(), torch.float32, x.double() - base.double()),
+    ]
+    for a, b, dtype, exact in cases:
+        slot = torch.empty(30, 11, dtype=dtype)
+        got = primitives.task_vector(a, b, dtype, out=slot)
+        assert got.data_ptr() == slot.data_ptr()
+        assert torch.equal(got, exact.to(dtype)), (a.dtype, b.dtype, dtype)
+    with pytest.raises(ValueError, match="out is torch.bfloat16, expected torch.float32"):
+        primitives.task_vector(x, base, torch.float32, out=torch.empty(30, 11, dtype=torch.bfloat16))

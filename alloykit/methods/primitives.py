@@ -238,6 +238,11 @@ def task_vector(
         return _inplace_in_blocks(x.to(dtype, copy=True), base, torch.Tensor.sub_)
     if out.dtype != dtype:
         raise ValueError(f"task_vector: out is {out.dtype}, expected {dtype}")
+    common = torch.promote_types(x.dtype, base.dtype)
+    if x.dtype == base.dtype == dtype or (common != dtype and torch.promote_types(common, dtype) == common):
+        # one subtraction in the inputs' common dtype, rounded once into a narrower out (copying
+        # a wider x into out first would round it before the subtraction)
+        return torch.sub(x, base, out=out)
     return _inplace_in_blocks(out.copy_(x), base, torch.Tensor.sub_)
 
 
