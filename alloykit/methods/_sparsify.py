@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from alloykit.errors import ParameterError
-from alloykit.methods.primitives import L1_EPS
+from alloykit.methods.primitives import restore_l1_
 
 # ----------------------------------------------------------------------------- Breadcrumbs
 
@@ -179,7 +179,5 @@ def magprune(
         if rescale == "inverse":
             part.div_(part_probs)
     if l1_before is not None:
-        l1_after = rows.abs().sum()
-        if not (l1_before < L1_EPS or l1_after < L1_EPS):  # (as rescale_l1)
-            rows.mul_(l1_before / l1_after)
+        restore_l1_(rows, l1_before)
     return rows.to(delta.dtype).reshape(delta.shape)

@@ -110,14 +110,18 @@ def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator
 L1_EPS = 1e-7  # below this L1 norm (before or after masking) mergekit does not rescale
 
 
-def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
-    """Masked δ times ‖δ‖₁ / ‖masked δ‖₁ (mergekit's ``rescale``; unchanged when a norm < eps)."""
-    masked = delta * mask
-    before = delta.abs().sum()
+def restore_l1_(masked: torch.Tensor, before: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
+    """``masked`` times ‖δ‖₁ / ‖masked‖₁ in place, ``before`` = ‖δ‖₁ taken before masking (as it
+    was when neither norm is below ``eps``: mergekit's rule)."""
     after = masked.abs().sum()
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
+
+
+def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, eps: float = L1_EPS) -> torch.Tensor:
+    """Masked δ times ‖δ‖₁ / ‖masked δ‖₁ (mergekit's ``rescale``; unchanged when a norm < eps)."""
+    return restore_l1_(delta * mask, delta.abs().sum(), eps)
 
 
 # ----------------------------------------------------------------------------- combination
