@@ -22,7 +22,7 @@ from alloykit.engine.executor import DEFAULT_THREADS, in_plan_order, intra_op_th
 from alloykit.engine.memory import PeakRSS, tune_allocator
 from alloykit.engine.plan import MergePlan, TensorJob
 from alloykit.errors import DeviceMemoryError, MismatchError, NonFiniteError
-from alloykit.methods.base import TensorContext
+from alloykit.methods.base import Inputs, TensorContext
 
 
 class Sink(Protocol):
@@ -457,20 +457,31 @@ class JobRunner:
 
                 def compute(device: torch.device) -> tuple[tuple, list[tuple]]:
                     xs, b0 = to_device((tensors, base), device)
+                    # The report's ‖θ_t − θ_0‖², taken before the method may let go of the inputs;
+                    # on the first slice of every tensor only: enough to tell a fine-tune from an
+                    # unrelated model, at a fraction of the cost.
+                    norms = _squared_norms(xs, b0) if b0 is not None and job.start == 0 else ([], 0.0)
+                    if device == CPU:
+                        # The method gets the only references to the inputs (it may drop those it
+                        # is done with). Host inputs are kept only for a job on a device, which
+                        # may run again on the host after the device runs out of memory.
+                        xs = Inputs(xs)
+                        tensors.clear()
                     deferred: list | None = [] if self.fused is not None else None
                     ctx = _context(
                         plan.spec, job, state.on(device), stats, out.notes, device=device, deferred=deferred
                     )
                     merged = method.fn(xs, b0, ctx, **job.params)
+                    del xs
                     waiting = [
                         (d.partial, d.index, {k: v.to(job.out.dtype) for k, v in d.alternatives.items()})
                         for d in deferred or []
                     ]
-                    return _summary(merged, xs, b0, device), waiting
+                    return _summary(merged, norms, b0, device), waiting
 
                 def _summary(
                     merged: torch.Tensor,
-                    xs: list[torch.Tensor],
+                    norms: tuple[list[float], float],
                     b0: torch.Tensor | None,
                     device: torch.device,
                 ) -> tuple[torch.Tensor, list[float], float, bool]:
@@ -487,12 +498,7 @@ class JobRunner:
                     if job.view is not None:
                         merged = merged.reshape(-1)  # slices are written flat
                     same = b0 is not None and torch.equal(merged, b0.reshape(merged.shape))
-                    if b0 is None or job.start != 0:
-                        # The same-base check looks at the first slice of every tensor only: enough
-                        # to tell a fine-tune from an unrelated model, at a fraction of the cost.
-                        return merged.to(job.out.dtype), [], 0.0, same
-                    deltas, base_sq = _squared_norms(xs, b0)
-                    return merged.to(job.out.dtype), deltas, base_sq, same
+                    return merged.to(job.out.dtype), *norms, same
 
                 ((result, out.deltas, out.base_sq, out.same), out.deferred), out.on_host = self._run_on(
                     job, self.devices[d], compute

@@ -29,7 +29,7 @@ from typing import overload
 
 import torch
 
-from alloykit.methods.base import Param
+from alloykit.methods.base import Param, release
 from alloykit.methods.primitives import COMBINE_BLOCK, add_base_, task_vector
 
 # ----------------------------------------------------------------------------- parameters
@@ -121,6 +121,17 @@ class TaskVectors(Sequence[torch.Tensor]):
             return [self[i] for i in range(len(self))[t]]
         return task_vector(self.tensors[t], self.base, self.dtype).reshape(self.shape)
 
+    def done(self, t: int) -> None:
+        """τ_t will not be asked for again: its input may go (:func:`release`)."""
+        release(self.tensors, t)
+
+
+def done_with(deltas: Sequence[torch.Tensor], t: int) -> None:
+    """A matrix merge has taken all it needs from τ_t: a :class:`TaskVectors` may let go of the
+    input it forms τ_t from (so it is not held through the decompositions that follow)."""
+    if isinstance(deltas, TaskVectors):
+        deltas.done(t)
+
 
 def add_task_vector_(out: torch.Tensor, deltas: Sequence[torch.Tensor], t: int) -> torch.Tensor:
     """``out += τ_t`` in place. A :class:`TaskVectors` forms τ_t one block of entries at a time
@@ -169,8 +180,9 @@ def merge_tensor(
         return base.to(out, copy=True)
     if summed and rule != "mean":
         total, changed, d = None, False, None
-        for t in tensors:
-            d = task_vector(t, base, wd)
+        for t in range(len(tensors)):
+            d = task_vector(tensors[t], base, wd)
+            release(tensors, t)
             changed = changed or bool(d.any())
             total = d if total is None else total.add_(d)
         del d  # (the last task vector would otherwise stay alive through the decomposition)
@@ -181,6 +193,8 @@ def merge_tensor(
         return add_base_(update.mul_(alpha), base).to(out)
     if rule == "mean":
         deltas = [task_vector(t, base, wd) for t in tensors]
+        for t in range(len(tensors)):
+            release(tensors, t)
         if not any(bool(d.any()) for d in deltas):
             return base.to(out, copy=True)
         update = torch.stack(deltas).mean(dim=0)
@@ -411,6 +425,7 @@ def tsv_m_matrix(
         d = deltas[t]
         if k == 0 or not bool(d.any()):
             continue
+        done_with(deltas, t)
         u, s, vh = top_svd(d, k, stream=t)
         del d
         u, s, vh = _keep(u, s, vh, rank_tol, s[0])
@@ -470,8 +485,10 @@ def _sum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(deltas) == 1:
         return deltas[0]
     total = deltas[0] if isinstance(deltas, TaskVectors) else deltas[0].clone()  # (fresh: ours)
+    done_with(deltas, 0)
     for t in range(1, len(deltas)):
         total += deltas[t]
+        done_with(deltas, t)
     return total
 
 
@@ -525,6 +542,7 @@ def iso_cts_matrix(
         # τ_t − U_c U_cᵀ τ_t as (−U_c U_cᵀ τ_t) + τ_t: the same bytes (a − b is a + (−b)), with τ_t
         # added a block at a time, so no embedding-sized τ_t sits beside the projection
         resid = add_task_vector_((uc @ coeffs).neg_(), deltas, t)
+        done_with(deltas, t)
         del coeffs
         if not bool(resid.any()):
             continue

@@ -11,6 +11,9 @@ A method is declared with :func:`merge_method`::
   dtype; ``base`` is the base model's tensor (``None`` when the method takes no base).
 * ``ctx`` (:class:`TensorContext`) carries the tensor's name, a seeded RNG factory and the
   whole-model statistics of a :class:`Reduction`, if the method declared one.
+* The engine hands a job's inputs over as :class:`Inputs` and keeps no other reference to them:
+  a method that is done with one may drop it (:func:`release`), so that a whole-tensor job does
+  not hold its stored inputs through its decompositions.
 * Every declared :class:`Param` arrives as a keyword (``lambda`` as ``lambda_``); per-model
   parameters arrive as lists aligned with ``tensors``.
 
@@ -151,6 +154,19 @@ class Param:
                 raise ParameterError(bad)
             return value
         raise TypeError(f"unsupported parameter kind {self.kind}")
+
+
+class Inputs(list):
+    """A job's input tensors, handed over by an engine that keeps no other reference to them:
+    the method may let go of one it needs no more (:func:`release`)."""
+
+
+def release(tensors: Sequence[Any], t: int) -> None:
+    """Let go of input ``t`` once the method has taken all it needs from it, if the caller handed
+    it over (:class:`Inputs`): its memory is freed then, not when the job ends. A plain list is
+    the caller's own and is left as it is. The method must not read ``tensors[t]`` afterwards."""
+    if isinstance(tensors, Inputs):
+        tensors[t] = None
 
 
 @dataclass(frozen=True)

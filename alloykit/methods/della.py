@@ -10,7 +10,7 @@ import torch
 
 from alloykit.methods._sparsify import check_magprune_window, magprune_work_dtype
 from alloykit.methods._sparsify import magprune as magprune_drop
-from alloykit.methods.base import Param, TensorContext, merge_method
+from alloykit.methods.base import Param, TensorContext, merge_method, release
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
@@ -90,8 +90,9 @@ def _dropped(
     # each τ_t is formed in its slot of the stack and dropped there (MAGPRUNE in place) where
     # MAGPRUNE computes in the work dtype (not for float64, which it takes in float32)
     inplace = magprune_work_dtype(work) == work
-    for i, x in enumerate(tensors):
-        delta = task_vector(x, base, work, out=out[i] if inplace else None)
+    for i in range(len(tensors)):
+        delta = task_vector(tensors[i], base, work, out=out[i] if inplace else None)
+        release(tensors, i)  # (an input handed over is not held beside the stack)
         dropped = magprune_drop(
             delta,
             density[i],

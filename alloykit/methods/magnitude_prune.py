@@ -75,7 +75,7 @@ def magnitude_prune(
     The trimming baseline of the TIES paper's ablations (trim, no election), and mergekit's
     generalized task arithmetic with ``sparsification_method: magnitude`` and no consensus.
     """
-    raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale)
+    raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale, release_inputs=True)
     w = stack_weights(weight, raw)
     mixed = elect_and_combine(raw * w, w, consensus=None, aggregate="weighted_mean" if normalize else "sum")
     if lambda_ != 1:

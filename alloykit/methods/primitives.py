@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from alloykit.methods.base import Continuous, Param, SearchSpace, TensorContext
+from alloykit.methods.base import Continuous, Param, SearchSpace, TensorContext, release
 
 # Parameters every task-vector method declares the same way.
 WEIGHT = Param("weight", float, 1.0, per_model=True, help="w_t, multiplies task vector t", noop_at=0.0)
@@ -514,6 +514,7 @@ def trim_task_vectors(
     topk_rule: str,
     rescale: str = "none",
     dtype: torch.dtype | None = None,
+    release_inputs: bool = False,
 ) -> torch.Tensor:
     """(T, …) task vectors δ_t = θ_t − θ_0, each keeping its largest-|δ| entries.
 
@@ -521,10 +522,13 @@ def trim_task_vectors(
     ``topk="tensor"`` trims each tensor on its own with ``topk_rule`` ``exact`` (mergekit) or
     ``kthvalue`` (reference-code rule). ``rescale="l1"`` restores each δ_t's L1 norm. The task
     vectors are in ``dtype`` (default: the base's); narrower inputs (as stored, for a method
-    that widens them itself) are widened exactly, into the stack itself."""
+    that widens them itself) are widened exactly, into the stack itself. ``release_inputs``: the
+    caller reads no θ_t again, so inputs handed over by the engine go once their δ_t is formed."""
     out = torch.empty((len(tensors), *base.shape), dtype=dtype or base.dtype, device=base.device)
-    for i, x in enumerate(tensors):
-        d = task_vector(x, base, out.dtype, out=out[i])  # (x − base computed in out's dtype)
+    for i in range(len(tensors)):
+        d = task_vector(tensors[i], base, out.dtype, out=out[i])  # (x − base computed in out's dtype)
+        if release_inputs:
+            release(tensors, i)  # (not held beside the stack)
         if topk == "model":
             thr = ctx.stats["threshold"][i]
             mask = None if thr is None else at_least(d.abs().float(), thr)  # (no copy for float32)

@@ -224,7 +224,9 @@ def ties(
     """
     # Inputs may arrive as stored (bfloat16) with a float32 result wanted (``widens_inputs``): the
     # task vectors are formed in float32, and θ_0 + … below widens the base one block at a time.
-    raw = trim_task_vectors(tensors, base, ctx, density, topk, topk_rule, rescale, ctx.result_dtype)
+    raw = trim_task_vectors(
+        tensors, base, ctx, density, topk, topk_rule, rescale, ctx.result_dtype, release_inputs=True
+    )
     # The model majority may still be unknown: the engine then sums it in this pass (see
     # _defer_zero_sums) and we merge with +1 meanwhile.
     pending = zero_sign == "model_majority" and "majority_sign" not in (ctx.stats or {})
