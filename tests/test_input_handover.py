@@ -16,16 +16,41 @@ from alloykit.methods.base import REGISTRY, Inputs, TensorContext, merge_method,
 from tests.conftest import make_base, make_finetunes, save_folder
 
 
+def _let_go(tensors) -> tuple[bool, bool]:
+    """(handed over, every input freed once released)."""
+    refs = [weakref.ref(t) for t in tensors]
+    for t in range(len(tensors)):
+        release(tensors, t)
+    gc.collect()
+    return isinstance(tensors, Inputs), all(r() is None for r in refs)
+
+
+class _ProbePass:
+    """A one-pass reduction that checks the handover in the reduction pass too."""
+
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def passes(self, params):
+        return 1
+
+    def map(self, index, state, tensors, base, ctx, params):
+        self.seen["pass:" + ctx.name] = _let_go(tensors)
+        return 0
+
+    def fold(self, index, acc, partial):
+        return 0
+
+    def finish(self, index, state, acc, params):
+        return {}
+
+
 def test_the_engine_hands_over_the_only_references_and_still_reports_the_norms(tmp_path):
     seen: dict[str, tuple[bool, bool]] = {}
 
-    @merge_method("handover_probe", params=[], needs_base=True)
+    @merge_method("handover_probe", params=[], needs_base=True, reduction=_ProbePass(seen))
     def probe(tensors, base, ctx):
-        refs = [weakref.ref(t) for t in tensors]
-        for t in range(len(tensors)):
-            release(tensors, t)
-        gc.collect()
-        seen[ctx.name] = (isinstance(tensors, Inputs), all(r() is None for r in refs))
+        seen[ctx.name] = _let_go(tensors)
         return base.clone()
 
     try:
@@ -35,7 +60,7 @@ def test_the_engine_hands_over_the_only_references_and_still_reports_the_norms(t
         res = alloykit.merge(paths, save_folder(base, tmp_path / "base"), "handover_probe")
     finally:
         REGISTRY.pop("handover_probe", None)
-    assert seen and all(handed and freed for handed, freed in seen.values()), seen
+    assert len(seen) == 2 * len(base) and all(handed and freed for handed, freed in seen.values()), seen
     # ‖θ_t − θ_0‖ / ‖θ_0‖ is taken before the method lets the inputs go
     base_sq = sum(float(v.square().sum()) for v in base.values())
     for label, ft in zip(res.report.relative_delta_norm, fts, strict=True):
@@ -60,6 +85,7 @@ CASES = [
     ("ties", "mergekit", {"density": 0.4}),
     ("magnitude_prune", None, {"density": 0.4, "topk": "tensor"}),
     ("della", None, {}),
+    ("esm", None, {}),  # (no statistics: TSV-M for a matrix, the mean otherwise)
 ]
 
 

@@ -376,6 +376,17 @@ class JobOutcome:
     deferred: list[tuple] = field(default_factory=list)
 
 
+def _hand_over(xs: list[torch.Tensor], tensors: list[torch.Tensor], device: torch.device) -> list:
+    """The inputs as the method gets them: on the host, the only references to them (``Inputs``:
+    the engine's list is emptied, and the method may drop those it is done with). A job on a
+    device gets a plain list and the host copies stay, for a rerun on the host after the device
+    runs out of memory."""
+    if device != CPU:
+        return xs
+    tensors.clear()
+    return Inputs(xs)
+
+
 class JobRunner:
     """Runs one job of a plan: reads its inputs, computes on its device, writes or returns the
     result. Picklable, so that an executor may run it in other processes (Ray): what a job
@@ -437,6 +448,7 @@ class JobRunner:
 
             def compute(device: torch.device) -> Any:
                 xs, b = to_device((tensors, base), device)
+                xs = _hand_over(xs, tensors, device)
                 ctx = _context(plan.spec, job, state.on(device), stats, device=device)  # no notes: said once
                 return method.reduction.map(index, state.on(device), xs, b, ctx, job.params)
 
@@ -461,12 +473,7 @@ class JobRunner:
                     # on the first slice of every tensor only: enough to tell a fine-tune from an
                     # unrelated model, at a fraction of the cost.
                     norms = _squared_norms(xs, b0) if b0 is not None and job.start == 0 else ([], 0.0)
-                    if device == CPU:
-                        # The method gets the only references to the inputs (it may drop those it
-                        # is done with). Host inputs are kept only for a job on a device, which
-                        # may run again on the host after the device runs out of memory.
-                        xs = Inputs(xs)
-                        tensors.clear()
+                    xs = _hand_over(xs, tensors, device)
                     deferred: list | None = [] if self.fused is not None else None
                     ctx = _context(
                         plan.spec, job, state.on(device), stats, out.notes, device=device, deferred=deferred

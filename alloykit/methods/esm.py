@@ -11,8 +11,9 @@ import torch
 
 from alloykit.calibration.statistics import gram_of
 from alloykit.errors import ParameterError
-from alloykit.methods._svd import thin_svd, tsv_m_matrix, tsv_rank
-from alloykit.methods.base import Continuous, Param, TensorContext, merge_method
+from alloykit.methods._svd import TaskVectors, thin_svd, tsv_m_matrix, tsv_rank
+from alloykit.methods.base import Continuous, Param, TensorContext, merge_method, release
+from alloykit.methods.primitives import add_base_
 
 # The reference code (ViT) averages CLIP's text_projection instead of decomposing it.
 VIT_SUBSPACE = [{"filter": "text_projection", "value": "mean"}, {"value": "essential"}]
@@ -195,15 +196,23 @@ def esm_update(
     """(update, branch) of one tensor before α and the inter-layer scale; None when every task
     vector is zero (the base stays as it is)."""
     wd = torch.float64 if params["precision"] == "float64" else torch.float32
+    branch = _branch(base, params["subspace"], ctx.statistics)
+    if branch == "tsv":
+        # each τ_t formed when TSV-M takes it (the same values as below): an embedding-sized
+        # matrix without statistics never holds its T task vectors and a widened base at once
+        lazy = TaskVectors(tensors, base, wd)
+        if base.numel() == 0 or not any(bool(lazy[t].any()) for t in range(len(lazy))):
+            return None, "mean"
+        return tsv_m_matrix(lazy, min_rank=params["min_rank"]), branch
     b = base.to(wd)
     deltas = [t.to(wd) - b for t in tensors]
+    del b
+    for t in range(len(tensors)):
+        release(tensors, t)  # (not read again)
     if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
         return None, "mean"
-    branch = _branch(base, params["subspace"], ctx.statistics)
     if branch == "mean":
         return torch.stack(deltas).mean(dim=0), branch
-    if branch == "tsv":
-        return tsv_m_matrix(deltas, min_rank=params["min_rank"]), branch
     transposed = bool(ctx.statistics[0].get("transposed"))
     if transposed:  # GPT-2 Conv1D: the weight is d_in × d_out
         deltas = [d.T for d in deltas]
@@ -368,4 +377,6 @@ def esm(
     if params["layer_power"] != 0 and ctx.stats is not None and branch != "mean":
         scale = ctx.stats["layer_scale"].get(ctx.name, 1.0)
     coef = params["alpha"] if (params["alpha_scope"] == "all" or branch == "essential") else 1.0
-    return (base.to(update.dtype) + (coef * scale) * update).to(base.dtype)
+    # θ_0 + c·ΔW with c·ΔW scaled in place and the base added a block at a time (the same bytes
+    # as (base + c·ΔW): a sum does not depend on its order of operands)
+    return add_base_(update.mul_(coef * scale), base).to(base.dtype)
