@@ -363,7 +363,7 @@ def esm(
     merged tensor, at least one direction per task. α: the authors search it on validation data
     (golden section on [0, 2] in the ViT code; declared here as the search space); default 1.
 
-    Deliberate deviations (see docs/methods-esm.md): a layer or task whose update is zero merges
+    Deliberate deviations (see docs/methods-data.md): a layer or task whose update is zero merges
     to a zero update (the reference code gives NaN); eigenvalues below d·ε·λ_max are zero, as the
     reference's padded ones are, so directions past the numerical rank get weight 0 (the
     reference's float32 SVD leaves them tiny but non-zero and arbitrary); ``rank="numerical"``
