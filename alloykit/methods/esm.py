@@ -13,7 +13,7 @@ from alloykit.calibration.statistics import gram_of
 from alloykit.errors import ParameterError
 from alloykit.methods._svd import TaskVectors, thin_svd, tsv_m_matrix, tsv_rank
 from alloykit.methods.base import Continuous, Param, TensorContext, merge_method, release
-from alloykit.methods.primitives import add_base_
+from alloykit.methods.primitives import add_base_, task_vector
 
 # The reference code (ViT) averages CLIP's text_projection instead of decomposing it.
 VIT_SUBSPACE = [{"filter": "text_projection", "value": "mean"}, {"value": "essential"}]
@@ -204,10 +204,9 @@ def esm_update(
         if base.numel() == 0 or not any(bool(lazy[t].any()) for t in range(len(lazy))):
             return None, "mean"
         return tsv_m_matrix(lazy, min_rank=params["min_rank"]), branch
-    b = base.to(wd)
-    deltas = [t.to(wd) - b for t in tensors]
-    del b
+    deltas = []
     for t in range(len(tensors)):
+        deltas.append(task_vector(tensors[t], base, wd))  # (the base widened a block at a time)
         release(tensors, t)  # (not read again)
     if base.numel() == 0 or not any(bool(d.any()) for d in deltas):
         return None, "mean"
