@@ -165,3 +165,23 @@ def test_fisher_weights_must_not_be_negative():
         merge_state_dicts(
             models, None, "fisher", statistics=_fisher([f, f]), model_parameters=[{"weight": -1.0}, {}]
         )
+
+
+def test_fisher_refuses_weights_that_are_all_zero():
+    """Σ_t c_t (F_t + ε) = 0 everywhere: the average would be NaN, so the plan refuses it."""
+    from alloykit.errors import ParameterError
+
+    models = _models(n=2)
+    f = {"w": torch.rand(5, 4, dtype=DT), "b": torch.rand(5, dtype=DT)}
+    with pytest.raises(ParameterError, match="every model's weight is 0"):
+        merge_state_dicts(models, None, "fisher", statistics=_fisher([f, f]), parameters={"weight": 0.0})
+    one = merge_state_dicts(
+        models,
+        None,
+        "fisher",
+        statistics=_fisher([f, f]),
+        model_parameters=[{"weight": 0.0}, {}],
+        dtype="float64",
+    )
+    for k in one:  # a single non-zero weight leaves that model
+        torch.testing.assert_close(one[k], models[1][k].to(DT))

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from alloykit.errors import ParameterError
 from alloykit.methods.base import Param, TensorContext, merge_method
 
 
@@ -31,6 +32,15 @@ class FisherNorms:
         return {"fisher_norm": [] if acc is None else acc.sqrt().tolist()}
 
 
+def _check_weights(params: dict[str, Any], where: str) -> None:
+    """Every λ_t = 0 leaves Σ_t c_t (F_t + ε) = 0: each entry would be 0/0."""
+    if all(w == 0 for w in params["weight"]):
+        raise ParameterError(
+            f"fisher{where}: every model's weight is 0, so the Fisher-weighted average divides 0 by "
+            "0; give at least one model a weight above 0"
+        )
+
+
 @merge_method(
     "fisher",
     params=[
@@ -50,6 +60,7 @@ class FisherNorms:
     memory_factor=4.0,
     elementwise=False,
     statistics="fisher",
+    check=_check_weights,
 )
 def fisher(
     tensors: list[torch.Tensor],
