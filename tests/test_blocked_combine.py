@@ -114,3 +114,35 @@ def test_task_vector_written_into_a_stack_slot_rounds_as_one_subtraction(monkeyp
         assert torch.equal(got, exact.to(dtype)), (a.dtype, b.dtype, dtype)
     with pytest.raises(ValueError, match="out is torch.bfloat16, expected torch.float32"):
         primitives.task_vector(x, base, torch.float32, out=torch.empty(30, 11, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"density": 0.5, "lambda": 0.7, "weight": [0.5, 1.0, 2.0]},
+        {"density": [0.1, 0.9, 1.0], "sign": "count", "aggregate": "sum"},
+        {"density": 0.4, "zero_sign": "positive", "sign": "weighted_sum", "aggregate": "weighted_mean"},
+        {"density": 0.3, "weight": [-0.5, 1.0, 1.0]},
+        {"threshold": "approximate"},
+    ],
+)
+def test_ties_whole_model_trim_in_cache_blocks_gives_the_bytes_of_one_block(monkeypatch, params, dtype):
+    """The paper preset forms, trims and merges its task vectors a cache block at a time (the
+    model-majority fallback's entries gathered over the blocks, a ragged last block): the bytes
+    of one block per job, chunked by the engine or not."""
+    base, fts = _models(dtype)
+    g = torch.Generator().manual_seed(9)
+    base["big"] = torch.randn(41, 29, generator=g).to(dtype)
+    for i, f in enumerate(fts):  # deltas on a grid of 1/8: exact zero sums at the election
+        noise = torch.randn(41, 29, generator=g) - 0.3 * i
+        f["big"] = (base["big"].float() + (noise * 2).round() / 8).to(dtype)
+    for chunk in (0, 500):
+        kw = dict(parameters=params, preset="paper", chunk_elements=chunk)
+        monkeypatch.setattr(primitives, "CACHE_BLOCK", 1 << 20)
+        whole = merge_state_dicts(fts, base, "ties", **kw)
+        monkeypatch.setattr(primitives, "CACHE_BLOCK", 64)
+        blocked = merge_state_dicts(fts, base, "ties", **kw)
+        for k, v in whole.items():
+            assert torch.equal(blocked[k], v), (chunk, k)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import alloykit.methods.primitives as primitives
 from alloykit.api import merge, merge_state_dicts
 from alloykit.methods import get_method
 from tests.conftest import save_folder
@@ -150,3 +151,29 @@ def test_the_plan_counts_the_whole_tensor_sort_of_the_exact_per_tensor_trim(tmp_
         extra = costs[0.5][name] - costs[1.0][name]
         numel = base[name].numel()
         assert extra == (len(fts) + 1) * 4 * (10 - 4) * numel, name
+
+
+@pytest.mark.parametrize("density", [0.6, 1.0])
+@pytest.mark.parametrize("chunk", [0, 4096])
+def test_fused_sign_pass_with_seven_tasks_gives_the_bytes_of_the_separate_pass(monkeypatch, density, chunk):
+    """From 5 tasks on, torch adds a column's terms in an order that depends on where the column
+    falls (aligned groups or the ragged end of a row): the −1 fallback's values must be merged
+    where the merge pass merged them, or an elected sum that was exactly 0 is not 0 once re-added
+    elsewhere. Float32 inputs off the grid, so the orders give different roundings; several
+    cache blocks (the last one ragged) and engine chunks; the majority is negative, so the
+    fallback's values are the ones written."""
+    monkeypatch.setattr(primitives, "CACHE_BLOCK", 256)
+    g = torch.Generator().manual_seed(1)
+    base = {"emb": torch.randn(300, 257, generator=g), "b": torch.randn(333, generator=g)}
+    fts = [
+        {k: v + ((torch.randn(v.shape, generator=g) - 0.6) * 2).round() / 64 for k, v in base.items()}
+        for _ in range(7)
+    ]
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(get_method("ties").reduction, "fuse_sign", fused)
+        outs[fused] = merge_state_dicts(
+            fts, base, "ties", parameters={"density": density}, chunk_elements=chunk
+        )
+    for k in base:
+        assert torch.equal(outs[True][k], outs[False][k]), k

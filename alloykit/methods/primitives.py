@@ -190,6 +190,15 @@ def elect_and_combine(
 
 
 COMBINE_BLOCK = 1 << 20  # entries combined at a time by combine_in_blocks
+CACHE_BLOCK = 1 << 17  # entries per step of a fused CPU loop (its T-row temporaries fit in cache)
+
+
+def cache_block(like: torch.Tensor) -> int:
+    """Entries per step of a loop that chains many elementwise operations over the same entries:
+    on the CPU a block whose temporaries stay in cache (each operation over a tensor-sized
+    operand would stream it through memory again); on an accelerator the whole tensor, where
+    each step costs a kernel launch instead."""
+    return CACHE_BLOCK if like.device.type == "cpu" else max(like.numel(), 1)
 
 
 def combine_in_blocks(

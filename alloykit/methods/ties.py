@@ -6,16 +6,19 @@ from typing import Any
 
 import torch
 
-from alloykit.methods.base import Param, TensorContext, merge_method
+from alloykit.methods.base import Param, TensorContext, merge_method, release
 from alloykit.methods.primitives import (
     LAMBDA,
     WEIGHT,
     ModelTopK,
+    at_least,
+    cache_block,
     combine_in_blocks,
     density_param,
     elect_and_combine,
     scale_search,
     stack_weights,
+    task_vector,
     topk_rule_ignored,
     trim_task_vectors,
     trims_elementwise,
@@ -48,8 +51,7 @@ def _elected(
     return _elected_sign(raw, raw * stack_weights(params["weight"], raw), params["sign"])
 
 
-def _defer_zero_sums(
-    ctx: TensorContext,
+def _zero_sums(
     record: dict[str, torch.Tensor],
     raw: torch.Tensor,
     deltas: torch.Tensor,
@@ -58,11 +60,12 @@ def _defer_zero_sums(
     sign: str,
     aggregate: str,
     lambda_: float,
-) -> None:
-    """The sign pass fused into the merge pass (``ModelTopK(fuse_sign=True)``): this tensor's sum
-    of elected signs, and, for the entries whose elected sum is exactly 0 while some w_t τ̂_t is
-    not, their merged values under the fallback −1 (the result holds them under +1). Elsewhere the
-    fallback changes nothing, so the engine's patch gives the bytes of the separate pass.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sign pass fused into the merge pass (``ModelTopK(fuse_sign=True)``): this part's sum
+    of elected signs (float64), the flat indices of the entries whose elected sum is exactly 0
+    while some w_t τ̂_t is not, and their merged values under the fallback −1 (the result holds
+    them under +1), or None. Elsewhere the fallback changes nothing, so the engine's patch gives
+    the bytes of the separate pass.
 
     ``record``: the election's sum and kept counts (:func:`elect_and_combine`). With every weight
     > 0, a zero sum of nonzero entries has entries of both signs under every sign rule, so the
@@ -74,19 +77,73 @@ def _defer_zero_sums(
     else:
         undecided = zero & (deltas != 0).any(dim=0)
     index = undecided.reshape(-1).nonzero().squeeze(1)
-    alternatives = {}
+    alternative = None
     if index.numel():
-        n = len(raw)
-        sub = deltas.reshape(n, -1)[:, index]
-        sub_raw = raw.reshape(n, -1)[:, index]
-        w = torch.tensor(weights, dtype=sub.dtype, device=sub.device).reshape(n, 1)
-        alt = elect_and_combine(
-            sub, w, consensus="sign", sign=sign, zero_sign=-1.0, aggregate=aggregate, raw=sub_raw
-        )
+        alternative = _merged_with_negative_fallback(raw, deltas, weights, index, sign, aggregate)
         if lambda_ != 1:
-            alt *= lambda_
-        alternatives[-1.0] = base.reshape(-1)[index] + alt
-    ctx.defer(elected.sum().to(torch.float64), index, alternatives)
+            alternative *= lambda_
+        alternative = base.reshape(-1)[index] + alternative
+    # (a sum of at most 2**24 signs is exact in float32, and any number of them in float64)
+    return elected.sum().to(torch.float64), index, alternative
+
+
+_SUM_GROUP = 64  # a multiple of the columns torch's CPU sums over the task axis take at once
+
+
+def _merged_with_negative_fallback(
+    raw: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: list[float],
+    index: torch.Tensor,
+    sign: str,
+    aggregate: str,
+) -> torch.Tensor:
+    """The merge of entries ``index`` (flat) under the fallback −1, with the bytes a merge of the
+    whole part under −1 would give them. A sum over the task axis adds an entry's T terms in an
+    order that depends on where its column falls: torch's CPU kernel takes columns in aligned
+    groups (8 or 16 floats × 4) and the ragged end of a row its own way; from 5 tasks on, the
+    orders give different roundings, and an elected sum that was exactly 0 may not be once
+    re-added. So the entries are merged again inside the aligned groups of ``_SUM_GROUP`` columns
+    that hold them (the whole part if one lies in its ragged end)."""
+    n = len(raw)
+    flat_raw, flat_deltas = raw.reshape(n, -1), deltas.reshape(n, -1)
+    columns = flat_raw.shape[1]
+    if int(index[-1]) >= columns - columns % _SUM_GROUP:
+        sub_raw, sub, at = flat_raw, flat_deltas, index
+    else:
+        groups = torch.unique_consecutive(index // _SUM_GROUP)
+        offsets = torch.arange(_SUM_GROUP, device=index.device)
+        picked = (groups.reshape(-1, 1) * _SUM_GROUP + offsets).reshape(-1)
+        sub_raw, sub = flat_raw[:, picked], flat_deltas[:, picked]
+        at = torch.searchsorted(picked, index)
+    w = torch.tensor(weights, dtype=sub.dtype, device=sub.device).reshape(n, 1)
+    merged = elect_and_combine(
+        sub, w, consensus="sign", sign=sign, zero_sign=-1.0, aggregate=aggregate, raw=sub_raw
+    )
+    return merged[at]
+
+
+class _ZeroSums:
+    """The fused sign pass's share of one job, gathered over its blocks of entries and reported
+    to the engine once (``ctx.defer``)."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.index: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, share: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], start: int) -> None:
+        partial, index, alternative = share
+        self.total = self.total.to(partial.device) + partial
+        if alternative is not None:
+            self.index.append(index + start)
+            self.values.append(alternative)
+
+    def report(self, ctx: TensorContext, device: torch.device) -> None:
+        if self.values:
+            ctx.defer(self.total, torch.cat(self.index), {-1.0: torch.cat(self.values)})
+        else:
+            ctx.defer(self.total, torch.zeros(0, dtype=torch.int64, device=device), {})
 
 
 def _memory_factor(params: dict[str, Any]) -> float:
@@ -220,15 +277,12 @@ def ties(
     :class:`ModelTopK`), or one with ``threshold="approximate"`` (the threshold t̃ is the lower edge
     of the 2⁻⁷-wide bucket holding the exact t, so entries with t̃ ≤ |τ| < t are kept too). The
     model-majority fallback's sign sum is taken in the merge pass itself; entries whose elected
-    sum is exactly 0 are rewritten once it is known (the same bytes as a separate pass).
+    sum is exactly 0 are rewritten once it is known (the same bytes as a separate pass). With the
+    threshold known, the merge pass works a cache block of entries at a time
+    (:func:`_trim_and_merge_in_blocks`; same bytes as whole-tensor operations).
     """
-    # Inputs may arrive as stored (bfloat16) with a float32 result wanted (``widens_inputs``): the
-    # task vectors are formed in float32, and θ_0 + … below widens the base one block at a time.
-    raw = trim_task_vectors(
-        tensors, base, ctx, density, topk, topk_rule, rescale, ctx.result_dtype, release_inputs=True
-    )
     # The model majority may still be unknown: the engine then sums it in this pass (see
-    # _defer_zero_sums) and we merge with +1 meanwhile.
+    # _zero_sums) and we merge with +1 meanwhile.
     pending = zero_sign == "model_majority" and "majority_sign" not in (ctx.stats or {})
     if zero_sign == "positive" or pending:
         fallback = 1.0
@@ -237,11 +291,13 @@ def ties(
         # Reference code: a zero elected sign takes the model majority; if that is 0 too, its
         # where(γ > 0, τ > 0, τ < 0) keeps the negative entries, i.e. behaves as γ = −1.
         fallback = majority if majority != 0 else -1.0
-    record: dict[str, torch.Tensor] | None = {} if pending else None
+    zero_sums = _ZeroSums() if pending else None  # reported once for the whole job
 
-    def combine(part: torch.Tensor, part_base: torch.Tensor) -> torch.Tensor:
+    def merged(part: torch.Tensor, part_base: torch.Tensor, start: int) -> torch.Tensor:
+        """λ · the disjoint merge of trimmed task vectors ``part`` (T, n) (without θ_0)."""
         w = stack_weights(weight, part)
         deltas = part if all(x == 1 for x in weight) else part * w  # (× 1 is exact: skip the copy)
+        record: dict[str, torch.Tensor] | None = {} if zero_sums is not None else None
         mixed = elect_and_combine(
             deltas,
             w,
@@ -254,10 +310,59 @@ def ties(
         )
         if lambda_ != 1:
             mixed *= lambda_
-        if record is not None:
-            _defer_zero_sums(ctx, record, part, deltas, weight, part_base, sign, aggregate, lambda_)
-        return part_base + mixed
+        if zero_sums is not None:
+            share = _zero_sums(record, part, deltas, weight, part_base, sign, aggregate, lambda_)
+            zero_sums.add(share, start)
+        return mixed
 
-    if record is not None:  # the deferred entries are reported once for the whole job
-        return combine(raw, base)
-    return combine_in_blocks(raw, base, combine)
+    # Inputs may arrive as stored (bfloat16) with a float32 result wanted (``widens_inputs``): the
+    # task vectors are formed in float32, and θ_0 + … widens the base one block at a time.
+    dtype = ctx.result_dtype or base.dtype
+    if topk == "model" and rescale == "none":
+        # Known thresholds: trim, elect and merge a cache-sized block of entries at a time
+        out = _trim_and_merge_in_blocks(tensors, base, ctx.stats["threshold"], dtype, merged)
+    else:
+        raw = trim_task_vectors(
+            tensors, base, ctx, density, topk, topk_rule, rescale, dtype, release_inputs=True
+        )
+        if zero_sums is not None:  # one call: the deferred entries' indices are the job's own
+            out = base + merged(raw, base, 0)
+        else:
+            out = combine_in_blocks(raw, base, lambda part, b: b + merged(part, b, 0))
+    if zero_sums is not None:
+        zero_sums.report(ctx, base.device)
+    return out
+
+
+def _trim_and_merge_in_blocks(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    thresholds: list[float | None],
+    dtype: torch.dtype,
+    merged: Any,
+) -> torch.Tensor:
+    """θ_0 + merged(trimmed τ) for whole-model thresholds (``|τ_t| ≥ thresholds[t]`` kept), a block
+    of :func:`cache_block` entries at a time: τ_t is formed, trimmed, elected and merged while
+    the block is still in the CPU's cache, and no (T, …)-sized stack is ever held. Every step
+    works entry by entry (sums over the task axis only), so the bytes do not depend on the block;
+    they equal :func:`trim_task_vectors` followed by one merge."""
+    flat_base = base.reshape(-1)
+    flats = [x.reshape(-1) for x in tensors]
+    numel = flat_base.numel()
+    out = torch.empty(numel, dtype=torch.promote_types(base.dtype, dtype), device=base.device)
+    block = cache_block(base)
+    buffer = torch.empty((len(flats), min(block, numel)), dtype=dtype, device=base.device)
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        # (a ragged last block gets its own contiguous stack: reductions see the layout they see
+        # in one call)
+        part = buffer if stop - start == buffer.shape[1] else buffer.new_empty((len(flats), stop - start))
+        part_base = flat_base[start:stop]
+        for t, x in enumerate(flats):
+            d = task_vector(x[start:stop], part_base, dtype, out=part[t])
+            if thresholds[t] is not None:
+                d.mul_(at_least(d.abs().float(), thresholds[t]))  # (dropped negatives become −0)
+        torch.add(part_base, merged(part, part_base, start), out=out[start:stop])
+    for t in range(len(tensors)):
+        release(tensors, t)
+    return out.reshape(base.shape)
