@@ -190,14 +190,14 @@ def elect_and_combine(
 
 
 COMBINE_BLOCK = 1 << 20  # entries combined at a time by combine_in_blocks
-CACHE_BLOCK = 1 << 17  # entries per step of a fused CPU loop (its T-row temporaries fit in cache)
+CACHE_BLOCK = 1 << 18  # entries per step of a fused CPU loop (a multiple of 64: see ties._SUM_GROUP)
 
 
 def cache_block(like: torch.Tensor) -> int:
     """Entries per step of a loop that chains many elementwise operations over the same entries:
-    on the CPU a block whose temporaries stay in cache (each operation over a tensor-sized
-    operand would stream it through memory again); on an accelerator the whole tensor, where
-    each step costs a kernel launch instead."""
+    on the CPU a block of a few MiB of temporaries, reused from step to step (whole-chunk
+    temporaries are fresh allocations, page-faulted in each time); on an accelerator the whole
+    tensor, where each step costs kernel launches instead."""
     return CACHE_BLOCK if like.device.type == "cpu" else max(like.numel(), 1)
 
 
