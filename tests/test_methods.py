@@ -391,3 +391,27 @@ def test_exact_topk_mask_is_argsorts_top_k(values):
         mask = topk_mask_exact(x, density)
         assert int(mask.sum()) == k
         assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("ties", {}),
+        ("ties", {"threshold": "approximate", "density": 0.4}),
+        ("ties", {"density": 1.0}),  # exact zero sums: the model-majority fallback decides
+        ("magnitude_prune", {}),
+        ("neuromerging", {}),
+        ("consensus", {"combine": "ties"}),
+        ("pcb", {}),
+    ],
+)
+def test_direct_call_of_a_method_with_whole_model_passes_treats_the_tensor_as_the_model(name, params):
+    """``method(tensors, base)`` runs the method's whole-model passes (top-k threshold, sign
+    majority, …) over that one tensor, as the engine does for a model of that one tensor."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 40, generator=g)
+    # deltas on a 1/64 grid drifting negative: exact cancellations, a negative sign majority
+    fts = [base + ((torch.randn(50, 40, generator=g) - 0.4) * 8).round() / 64 for _ in range(3)]
+    direct = get_method(name)(fts, base, **params)
+    engine = merge_state_dicts([{"w": f} for f in fts], {"w": base}, name, parameters=params)["w"]
+    assert torch.equal(direct, engine)

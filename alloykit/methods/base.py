@@ -30,7 +30,7 @@ import keyword
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -335,7 +335,32 @@ class MergeMethod:
             self.check(values, "")
         if self.needs_base and base is None:
             raise ParameterError(f"{self.name}: needs a base tensor")
-        return self.fn(list(tensors), base, ctx or TensorContext(name=""), **values)
+        ctx = ctx or TensorContext(name="")
+        if self.reduction is not None and ctx.stats is None:
+            # This tensor is the whole model: its whole-model quantities (a top-k threshold, a
+            # sign majority, norms) are its own, computed as the engine computes them
+            ctx = replace(ctx, stats=self._whole_model_state(list(tensors), base, ctx, values))
+        return self.fn(list(tensors), base, ctx, **values)
+
+    def _whole_model_state(
+        self,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        ctx: TensorContext,
+        values: dict[str, Any],
+    ) -> Any:
+        """The reduction passes over one tensor; a pass the engine fuses into the merge pass
+        (``fused``) runs on its own here, which gives the same bytes."""
+        reduction = self.reduction
+        passes = list(range(reduction.passes(values)))
+        fused = getattr(reduction, "fused", None)
+        if fused is not None and fused(values) is not None:
+            passes.append(fused(values))
+        state = None
+        for index in passes:
+            partial = reduction.map(index, state, list(tensors), base, replace(ctx, stats=state), values)
+            state = reduction.finish(index, state, reduction.fold(index, None, partial), values)
+        return state
 
     def resolve(
         self,
