@@ -319,7 +319,7 @@ def ties(
     # task vectors are formed in float32, and θ_0 + … widens the base one block at a time.
     dtype = ctx.result_dtype or base.dtype
     if topk == "model" and rescale == "none":
-        # Known thresholds: trim, elect and merge a cache-sized block of entries at a time
+        # Known thresholds: trim, elect and merge a block of entries at a time, in reused buffers
         out = _trim_and_merge_in_blocks(tensors, base, ctx.stats["threshold"], dtype, merged)
     else:
         raw = trim_task_vectors(
@@ -342,8 +342,8 @@ def _trim_and_merge_in_blocks(
     merged: Any,
 ) -> torch.Tensor:
     """θ_0 + merged(trimmed τ) for whole-model thresholds (``|τ_t| ≥ thresholds[t]`` kept), a block
-    of :func:`cache_block` entries at a time: τ_t is formed, trimmed, elected and merged while
-    the block is still in the CPU's cache, and no (T, …)-sized stack is ever held. Every step
+    of :func:`cache_block` entries at a time: τ_t is formed, trimmed, elected and merged in
+    buffers reused from block to block, and no (T, …)-sized stack is ever held. Every step
     works entry by entry (sums over the task axis only), so the bytes do not depend on the block;
     they equal :func:`trim_task_vectors` followed by one merge."""
     flat_base = base.reshape(-1)
