@@ -393,3 +393,42 @@ def test_powers_that_overflow_are_refused_by_name(params, message):
     assert "overflow" in str(err.value)
     ok = merge_state_dicts(fts_sd, base, "esm", statistics=stats, parameters={"task_power": 4.0})
     assert all(bool(torch.isfinite(v).all()) for v in ok.values())
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_polar_of_the_live_columns_equals_the_svd_of_the_whole_factor(monkeypatch, dtype, rtol):
+    """A tall matrix (d_out > T · d_in, as an MLP up-projection) pads each task's block of E past
+    its d_in non-zero directions with zero columns: the merge through the polar factor of E's
+    live columns (a Gram eigh) equals the SVD of the whole E, to float rounding. Where C lacks
+    full column rank (fewer calibration rows than d_in), both null-space parts are LAPACK's
+    choice, so the SVD of E is kept: the same bytes as without the shortcut."""
+    import alloykit.methods.esm as esm_module
+
+    g = torch.Generator().manual_seed(3)
+    taken = []
+    real = esm_module._live_columns_polar
+
+    def spy(e_cat, c_columns):
+        got = real(e_cat, c_columns)
+        taken.append(got is not None)
+        return got
+
+    def both(deltas, entries):
+        monkeypatch.setattr(esm_module, "_live_columns_polar", spy)
+        fast = esm_matrix(deltas, entries, factor=1.5, **LEVELS)
+        monkeypatch.setattr(esm_module, "_live_columns_polar", lambda e, c: None)
+        return fast, esm_matrix(deltas, entries, factor=1.5, **LEVELS)
+
+    # full-rank statistics: 40 > d_in rows; d_out = 96 asks r = 48 directions of 32 per task
+    deltas = [torch.randn(96, 32, generator=g, dtype=dtype) for _ in range(2)]
+    entries = [{"gram": (x.T @ x).to(dtype), "tokens": 40} for x in [torch.randn(40, 32, generator=g)] * 2]
+    fast, whole = both(deltas, entries)
+    assert taken == [True]
+    torch.testing.assert_close(fast, whole, rtol=rtol, atol=rtol * float(whole.abs().max()))
+    # 20 stored rows < d_in = 64: C is rank-deficient, no shortcut
+    taken.clear()
+    deltas = [torch.randn(64, 64, generator=g, dtype=dtype) for _ in range(2)]
+    entries = [{"inputs": torch.randn(20, 64, generator=g, dtype=dtype), "tokens": 20} for _ in range(2)]
+    fast, whole = both(deltas, entries)
+    assert True not in taken
+    assert torch.equal(fast, whole)

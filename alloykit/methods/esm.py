@@ -11,7 +11,7 @@ import torch
 
 from alloykit.calibration.statistics import gram_of
 from alloykit.errors import ParameterError
-from alloykit.methods._svd import TaskVectors, thin_svd, tsv_m_matrix, tsv_rank
+from alloykit.methods._svd import GRAM_MAX_COND, TaskVectors, gram_polar, thin_svd, tsv_m_matrix, tsv_rank
 from alloykit.methods.base import Continuous, Param, TensorContext, merge_method, release
 from alloykit.methods.primitives import add_base_, task_vector
 
@@ -174,9 +174,48 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
     factors = essential_factors(deltas, entries, **levels)
     if factors is None:
         return deltas[0].new_zeros(deltas[0].shape)
-    u_e, s_e, vh_e = thin_svd(factors[0])
-    u_c, s_c, vh_c = thin_svd(factors[1])
+    e_cat, c_cat = factors
+    u_c, s_c, vh_c = thin_svd(c_cat)
+    # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
+    # zero rows of C are zero, and the columns of polar(E) that meet them do not matter
+    c_full_rank = (
+        bool(s_c[0] > 0) and bool(s_c[-1] * GRAM_MAX_COND >= s_c[0]) and c_cat.shape[0] >= c_cat.shape[1]
+    )
+    live = _live_columns_polar(e_cat, c_cat.shape[1]) if c_full_rank else None
+    if live is not None:
+        mean_e, polar_live, columns = live
+        return factor * mean_e * s_c.mean() * (polar_live @ (u_c[columns] @ vh_c))
+    u_e, s_e, vh_e = thin_svd(e_cat)
     return factor * s_e.mean() * s_c.mean() * ((u_e @ vh_e) @ (u_c @ vh_c))
+
+
+def _live_columns_polar(
+    e_cat: torch.Tensor, c_columns: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(σ̄(E), polar(E'), the columns of E'), E' the columns of E that are not all zero, when
+    that is cheaper and exact; else None (the caller takes the SVD of E).
+
+    Blocks padded past a task's numerical rank (an MLP up-projection: r = d_out/T directions
+    asked, at most d_in non-zero) and directions scaled by g = 0 are zero columns of E. With
+    E' of full column rank (checked: σ₁/σ_min ≤ GRAM_MAX_COND), the polar factor of E on the
+    live columns is polar(E') (the rest is the polar factor's arbitrary null-space part), and
+    E's singular values are E''s plus zeros. The dead columns meet only the zero rows those
+    directions give C (Ĉ_t = Ê_tᵀ ΔW_t), which are zero rows of polar(C) when C has full
+    column rank (the caller checks; otherwise both null-space parts are arbitrary — LAPACK's
+    choice, as in the reference code — and the SVD of E is kept). polar(E') = E'(E'ᵀE')^(-1/2)
+    through the float64 Gram of E' (an eigh of its width instead of an SVD of E: 2816 · 2 = 5632
+    columns of which 4096 live for a 1.1 B MLP up-projection: 136 → 73 s per matrix here)."""
+    live = e_cat.abs().amax(dim=0) > 0
+    n_live, (rows, cols) = int(live.sum()), e_cat.shape
+    if n_live == cols or n_live >= rows or n_live < c_columns:
+        # (no dead column; E' not tall; or C's live rows cannot have full column rank)
+        return None
+    columns = live.nonzero().squeeze(1)
+    s_live: list[torch.Tensor] = []
+    polar_live = gram_polar(e_cat[:, columns], s_live, overwrite=True)  # (a copy of E's live part)
+    if polar_live is None:
+        return None
+    return s_live[0].sum() / min(rows, cols), polar_live, columns
 
 
 # ----------------------------------------------------------------------------- tensor rule
