@@ -239,10 +239,10 @@ def esm_update(
     if branch == "tsv":
         # each τ_t formed when TSV-M takes it (the same values as below): an embedding-sized
         # matrix without statistics never holds its T task vectors and a widened base at once
-        lazy = TaskVectors(tensors, base, wd)
-        if base.numel() == 0 or not any(bool(lazy[t].any()) for t in range(len(lazy))):
+        # (τ_t = 0 exactly where θ_t = θ_0: widening is exact, so compare as stored, no τ_t formed)
+        if base.numel() == 0 or not any(bool((x != base).any()) for x in tensors):
             return None, "mean"
-        return tsv_m_matrix(lazy, min_rank=params["min_rank"]), branch
+        return tsv_m_matrix(TaskVectors(tensors, base, wd), min_rank=params["min_rank"]), branch
     deltas = []
     for t in range(len(tensors)):
         deltas.append(task_vector(tensors[t], base, wd))  # (the base widened a block at a time)
