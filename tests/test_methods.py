@@ -393,6 +393,36 @@ def test_exact_topk_mask_is_argsorts_top_k(values):
         assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("rule", ["exact", "kthvalue"])
+def test_per_tensor_trim_of_stored_bf16_inputs_keeps_each_task_vectors_own_top_k(rule):
+    """The per-tensor masks are chosen before the stack of task vectors is formed, in one scratch
+    buffer the selection overwrites: each δ_t keeps what argsort (exact) or kthvalue (reference
+    rule) picks on its own |δ_t|, computed here from the inputs independently, per density."""
+    from alloykit.methods.base import TensorContext
+    from alloykit.methods.primitives import trim_task_vectors
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(40, 30, generator=g).bfloat16()
+    fts = [(base.float() + torch.randn(40, 30, generator=g) / 8).bfloat16() for _ in range(3)]
+    density = [0.3, 1.0, 0.05]  # one task untrimmed: the others' masks must stay in their order
+    kept = [f.clone() for f in fts]
+    got = trim_task_vectors(list(fts), base, TensorContext("w"), density, "tensor", rule, dtype=torch.float32)
+    assert got.dtype == torch.float32
+    for t, (ft, d) in enumerate(zip(fts, density, strict=True)):
+        delta = ft.float() - base.float()
+        mags = delta.abs().reshape(-1)
+        if d >= 1:
+            keep = torch.ones_like(mags, dtype=torch.bool)
+        elif rule == "exact":
+            keep = torch.zeros_like(mags, dtype=torch.bool)
+            keep[torch.argsort(mags, descending=True)[: int(d * mags.numel())]] = True
+        else:
+            keep = mags >= mags.kthvalue(mags.numel() - int(d * mags.numel())).values
+        assert len(torch.unique(mags)) < mags.numel()  # bf16 differences tie: the cut is tested
+        assert torch.equal(got[t], delta * keep.reshape(delta.shape)), (rule, t)
+    assert all(torch.equal(f, k) for f, k in zip(fts, kept, strict=True))  # inputs not overwritten
+
+
 @pytest.mark.parametrize(
     "name,params",
     [

@@ -55,15 +55,23 @@ def density_param(default: float, help: str) -> Param:
 # ----------------------------------------------------------------------------- trimming
 
 
-def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
+def _magnitudes(delta: torch.Tensor, owned: bool) -> torch.Tensor:
+    """|δ| flat in float32; written over δ itself when the caller gives it away (``owned``)."""
+    if owned and delta.dtype == torch.float32 and delta.is_contiguous():
+        return delta.abs_().reshape(-1)
+    return delta.abs().reshape(-1).float()
+
+
+def topk_mask_exact(delta: torch.Tensor, density: float, owned: bool = False) -> torch.Tensor:
     """Keep exactly k = max(1, int(density·numel)) entries of largest |δ| (mergekit's
-    ``sparsify.magnitude``: ``argsort(|δ|, descending)[:k]``, so ties break as argsort does)."""
+    ``sparsify.magnitude``: ``argsort(|δ|, descending)[:k]``, so ties break as argsort does).
+    ``owned``: δ is the caller's scratch, overwritten (one tensor-sized copy less)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * delta.numel()))
-    mags = delta.abs().reshape(-1).float()
+    mags = _magnitudes(delta, owned)
     # When the k-th largest value is not tied across the cut, the top-k set is unique and a
     # linear-time selection finds it; only a tie at the cut needs argsort's own tie order.
     kth = mags.kthvalue(mags.numel() - k + 1).values
@@ -89,12 +97,12 @@ def kth_threshold(numel: int, density: float) -> int | None:
     return max(1, numel - int(numel * density))
 
 
-def topk_mask_kthvalue(delta: torch.Tensor, density: float) -> torch.Tensor:
+def topk_mask_kthvalue(delta: torch.Tensor, density: float, owned: bool = False) -> torch.Tensor:
     """Per-tensor version of the reference code's rule: |δ| ≥ kthvalue(|δ|, d − int(d·density))."""
     rank = kth_threshold(delta.numel(), density)
     if rank is None:
         return torch.ones_like(delta, dtype=torch.bool)
-    mags = delta.abs().reshape(-1).float()
+    mags = _magnitudes(delta, owned)
     return (mags >= mags.kthvalue(rank).values).reshape(delta.shape)
 
 
@@ -533,18 +541,20 @@ def trim_task_vectors(
     vectors are in ``dtype`` (default: the base's); narrower inputs (as stored, for a method
     that widens them itself) are widened exactly, into the stack itself. ``release_inputs``: the
     caller reads no θ_t again, so inputs handed over by the engine go once their δ_t is formed."""
-    out = torch.empty((len(tensors), *base.shape), dtype=dtype or base.dtype, device=base.device)
+    dtype = dtype or base.dtype
+    # Per-tensor masks come first, each from one scratch task vector, so that the sort of a large
+    # tensor (about 4 float32 copies of it) never runs beside the whole stack of task vectors.
+    masks = _tensor_masks(tensors, base, density, topk_rule, dtype) if topk == "tensor" else None
+    out = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for i in range(len(tensors)):
         d = task_vector(tensors[i], base, out.dtype, out=out[i])  # (x − base computed in out's dtype)
         if release_inputs:
             release(tensors, i)  # (not held beside the stack)
-        if topk == "model":
+        if masks is not None:
+            mask, masks[i] = masks[i], None
+        else:
             thr = ctx.stats["threshold"][i]
             mask = None if thr is None else at_least(d.abs().float(), thr)  # (no copy for float32)
-        elif topk_rule == "exact":
-            mask = None if density[i] >= 1 else topk_mask_exact(d, density[i])
-        else:
-            mask = None if density[i] >= 1 else topk_mask_kthvalue(d, density[i])
         if mask is not None:
             # A product with the mask, as mergekit multiplies: dropped negative entries become
             # -0.0 there too (in place, the boolean mask widened one block at a time)
@@ -553,3 +563,21 @@ def trim_task_vectors(
             else:
                 _inplace_in_blocks(d, mask, torch.Tensor.mul_)
     return out
+
+
+def _tensor_masks(
+    tensors: list[torch.Tensor], base: torch.Tensor, density: list[float], topk_rule: str, dtype: torch.dtype
+) -> list[torch.Tensor | None]:
+    """Each task vector's per-tensor trim mask (None: keep all), formed one at a time in one
+    scratch buffer that the selection may overwrite."""
+    pick = topk_mask_exact if topk_rule == "exact" else topk_mask_kthvalue
+    masks: list[torch.Tensor | None] = []
+    scratch = None
+    for x, keep in zip(tensors, density, strict=True):
+        if keep >= 1:
+            masks.append(None)
+            continue
+        if scratch is None:
+            scratch = torch.empty(base.shape, dtype=dtype, device=base.device)
+        masks.append(pick(task_vector(x, base, dtype, out=scratch), keep, owned=True))
+    return masks

@@ -146,13 +146,6 @@ class _ZeroSums:
             ctx.defer(self.total, torch.zeros(0, dtype=torch.int64, device=device), {})
 
 
-def _memory_factor(params: dict[str, Any]) -> float:
-    """Working copies per input: 4; the exact per-tensor top-k (mergekit) argsorts the whole
-    tensor, holding int64 indices (2 float32 copies) and the sort's own buffers besides."""
-    sorts = params["topk"] == "tensor" and params["topk_rule"] == "exact"
-    return 10.0 if sorts and any(d < 1 for d in params["density"]) else 4.0
-
-
 def _ignored(params: dict[str, Any]) -> dict[str, str]:
     out = topk_rule_ignored(params)
     if params["topk"] != "model" and params["threshold"] != "exact":
@@ -235,7 +228,10 @@ MERGEKIT = {
     reduction=ModelTopK(
         elected_sign=_elected, fuse_sign=True, approximate=lambda p: p["threshold"] == "approximate"
     ),
-    memory_factor=_memory_factor,
+    # Working copies per input. The exact per-tensor top-k (mergekit) sorts each task vector
+    # before the stack is formed (trim_task_vectors): |δ|, int64 indices and the sorter's 64-bit
+    # keys, 5 float32 copies of one tensor, within the merge's 4 per input (3 inputs or more).
+    memory_factor=4.0,
     elementwise=trims_elementwise,
     ignores=_ignored,
     widens_inputs=True,
