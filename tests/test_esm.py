@@ -353,6 +353,27 @@ def test_direct_call_without_statistics_is_tsv_m_for_matrices():
     torch.testing.assert_close(got, tsv(tensors, base, TensorContext("w")))
 
 
+def test_the_tsv_branch_of_a_tall_matrix_takes_the_gram_route_unless_exact_is_asked(monkeypatch):
+    """A 2-D tensor without statistics (an embedding) is merged by TSV-M; ``svd="auto"`` (default)
+    decomposes it through the float64 Gram matrix, as tsv_m does, and agrees with the exact SVDs
+    to float64 rounding; ``svd="exact"`` never takes that route."""
+    import alloykit.methods._svd as svd_module
+
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(96, 16, generator=g, dtype=DT)
+    tensors = [base + 0.1 * torch.randn(96, 16, generator=g, dtype=DT) for _ in range(2)]
+    esm = get_method("esm")
+    calls = []
+    real = svd_module.gram_svd
+    monkeypatch.setattr(svd_module, "gram_svd", lambda a, k=None: calls.append(a.shape) or real(a, k))
+    exact = esm(tensors, base, TensorContext("w"), layer_power=0.0, svd="exact")
+    assert calls == []
+    auto = esm(tensors, base, TensorContext("w"), layer_power=0.0)
+    assert calls == [(96, 16), (96, 16)]  # one per task
+    torch.testing.assert_close(auto, exact, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(auto, base)
+
+
 @pytest.mark.parametrize("preset", ["vit", "roberta"])
 def test_the_merge_is_affine_in_alpha_as_declared(preset):
     """The search shortcut (merge at α = 0 and 1, interpolate) is exact."""

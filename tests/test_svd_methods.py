@@ -567,3 +567,24 @@ def test_gram_polar_written_over_its_input_gives_the_same_bytes(shape):
     assert torch.allclose(iso, fresh * mean_sigma, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="only when right is square"):
         _times64(a, torch.zeros(shape[1], 3, dtype=torch.float64), overwrite=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5000, 96), (96, 300), (33, 33)])
+def test_a_product_written_over_its_left_factor_has_the_bytes_of_a_fresh_product(dtype, shape):
+    """``times_over`` (the last product of TSV-M and Iso-CTS) works a block of rows at a time in
+    the left factor itself: the same bytes as ``a @ right`` for a square right factor; a
+    rectangular one gets a fresh product and leaves ``a`` alone."""
+    from alloykit.methods._svd import times_over
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(*shape, generator=g, dtype=dtype)
+    square = torch.randn(shape[1], shape[1], generator=g, dtype=dtype)
+    wide = torch.randn(shape[1], shape[1] + 7, generator=g, dtype=dtype)
+    expected = a @ square
+    kept = a.clone()
+    fresh = times_over(a, wide)
+    assert torch.equal(a, kept) and torch.equal(fresh, kept @ wide)
+    got = times_over(a, square)
+    assert got.data_ptr() == a.data_ptr()  # written over a
+    assert torch.equal(got, expected)

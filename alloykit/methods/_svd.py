@@ -276,6 +276,18 @@ def _times64(a: torch.Tensor, right: torch.Tensor, overwrite: bool = False) -> t
     return out
 
 
+def times_over(a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """a · right, written over ``a`` (the caller's to lose) a block of rows at a time when
+    ``right`` is square: one matrix-sized buffer less than ``a @ right`` and the same bytes (each
+    output row is the same dot products whatever the block; checked bitwise on this BLAS for
+    float32 and float64, tall and wide). Otherwise a fresh ``a @ right``."""
+    if right.shape[0] != right.shape[1] or not a.is_contiguous():
+        return a @ right
+    for i in range(0, a.shape[0], _PRODUCT_ROWS):
+        a[i : i + _PRODUCT_ROWS] = a[i : i + _PRODUCT_ROWS] @ right
+    return a
+
+
 def _eig_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lam, w = torch.linalg.eigh(g)
     return lam.flip(0), w.flip(1)
@@ -442,7 +454,7 @@ def tsv_m_matrix(
     del u
     pv = top_svd.polar(vh, overwrite=True)
     del vh
-    return pu @ (s[:, None] * pv)
+    return times_over(pu, s[:, None] * pv)  # (pu: a fresh factor, or U overwritten; ours)
 
 
 def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -562,4 +574,4 @@ def iso_cts_matrix(
     del u  # (as in tsv_m_matrix)
     pv = top_svd.polar(vh, overwrite=True)
     del vh
-    return (pu @ pv).mul_(s.mean())  # mean(s) · polar(U) polar(Vᵀ), scaled in place
+    return times_over(pu, pv).mul_(s.mean())  # mean(s) · polar(U) polar(Vᵀ), scaled in place

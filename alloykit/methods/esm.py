@@ -11,7 +11,15 @@ import torch
 
 from alloykit.calibration.statistics import gram_of
 from alloykit.errors import ParameterError
-from alloykit.methods._svd import GRAM_MAX_COND, TaskVectors, gram_polar, thin_svd, tsv_m_matrix, tsv_rank
+from alloykit.methods._svd import (
+    GRAM_MAX_COND,
+    TaskVectors,
+    TopSVD,
+    gram_polar,
+    thin_svd,
+    tsv_m_matrix,
+    tsv_rank,
+)
 from alloykit.methods.base import Continuous, Param, TensorContext, merge_method, release
 from alloykit.methods.primitives import add_base_, task_vector
 
@@ -242,7 +250,8 @@ def esm_update(
         # (τ_t = 0 exactly where θ_t = θ_0: widening is exact, so compare as stored, no τ_t formed)
         if base.numel() == 0 or not any(bool((x != base).any()) for x in tensors):
             return None, "mean"
-        return tsv_m_matrix(TaskVectors(tensors, base, wd), min_rank=params["min_rank"]), branch
+        deltas = TaskVectors(tensors, base, wd)
+        return tsv_m_matrix(deltas, min_rank=params["min_rank"], top_svd=TopSVD(params["svd"])), branch
     deltas = []
     for t in range(len(tensors)):
         deltas.append(task_vector(tensors[t], base, wd))  # (the base widened a block at a time)
@@ -367,6 +376,14 @@ class LayerNorms:
             help="n_t over the reference code's basis (identity-padded when N < d_out) or ‖ΔW_t‖_F",
         ),
         Param("precision", str, "float64", choices=("float64", "float32"), help="decompositions' dtype"),
+        Param(
+            "svd",
+            str,
+            "auto",
+            choices=("auto", "exact"),
+            help="the TSV-M branch's decompositions (2-D tensors without statistics): auto (float64 "
+            "Gram route where well conditioned, as tsv_m) or exact (torch.linalg.svd always)",
+        ),
     ],
     needs_base=True,
     presets=PRESETS,
@@ -406,7 +423,9 @@ def esm(
     reference's padded ones are, so directions past the numerical rank get weight 0 (the
     reference's float32 SVD leaves them tiny but non-zero and arbitrary); ``rank="numerical"``
     caps r there; the decompositions run in float64 by default; ΔW_t = 0 for one task gives a
-    zero block (the reference would give NaN for the whole matrix).
+    zero block (the reference would give NaN for the whole matrix). The TSV-M branch decomposes
+    through the float64 Gram matrix where that is accurate (``svd="auto"``, as ``tsv_m``; ``svd=
+    "exact"``: ``torch.linalg.svd`` always).
     """
     update, branch = esm_update(tensors, base, ctx, params)
     if update is None:
