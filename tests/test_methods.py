@@ -393,8 +393,9 @@ def test_exact_topk_mask_is_argsorts_top_k(values):
         assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rule", ["exact", "kthvalue"])
-def test_per_tensor_trim_of_stored_bf16_inputs_keeps_each_task_vectors_own_top_k(rule):
+def test_per_tensor_trim_of_stored_bf16_inputs_keeps_each_task_vectors_own_top_k(rule, dtype):
     """The per-tensor masks are chosen before the stack of task vectors is formed, in one scratch
     buffer the selection overwrites: each δ_t keeps what argsort (exact) or kthvalue (reference
     rule) picks on its own |δ_t|, computed here from the inputs independently, per density."""
@@ -406,11 +407,11 @@ def test_per_tensor_trim_of_stored_bf16_inputs_keeps_each_task_vectors_own_top_k
     fts = [(base.float() + torch.randn(40, 30, generator=g) / 8).bfloat16() for _ in range(3)]
     density = [0.3, 1.0, 0.05]  # one task untrimmed: the others' masks must stay in their order
     kept = [f.clone() for f in fts]
-    got = trim_task_vectors(list(fts), base, TensorContext("w"), density, "tensor", rule, dtype=torch.float32)
-    assert got.dtype == torch.float32
+    got = trim_task_vectors(list(fts), base, TensorContext("w"), density, "tensor", rule, dtype=dtype)
+    assert got.dtype == dtype
     for t, (ft, d) in enumerate(zip(fts, density, strict=True)):
-        delta = ft.float() - base.float()
-        mags = delta.abs().reshape(-1)
+        delta = ft.to(dtype) - base.to(dtype)  # (rounded to bf16 when computed in bf16)
+        mags = delta.abs().reshape(-1).float()
         if d >= 1:
             keep = torch.ones_like(mags, dtype=torch.bool)
         elif rule == "exact":
@@ -421,6 +422,17 @@ def test_per_tensor_trim_of_stored_bf16_inputs_keeps_each_task_vectors_own_top_k
         assert len(torch.unique(mags)) < mags.numel()  # bf16 differences tie: the cut is tested
         assert torch.equal(got[t], delta * keep.reshape(delta.shape)), (rule, t)
     assert all(torch.equal(f, k) for f, k in zip(fts, kept, strict=True))  # inputs not overwritten
+    # no entries, or density 0 (exact: nothing kept; kthvalue rule: the largest |δ| only)
+    empty = torch.zeros(0, 4)
+    assert trim_task_vectors([empty, empty], empty, TensorContext("w"), [0.5, 0.5], "tensor", rule).shape == (
+        2,
+        0,
+        4,
+    )
+    zero = trim_task_vectors([fts[0]], base, TensorContext("w"), [0.0], "tensor", rule, dtype=dtype)[0]
+    delta = fts[0].to(dtype) - base.to(dtype)
+    expected = torch.zeros_like(delta) if rule == "exact" else delta * (delta.abs() == delta.abs().max())
+    assert torch.equal(zero, expected)
 
 
 @pytest.mark.parametrize(

@@ -55,37 +55,34 @@ def density_param(default: float, help: str) -> Param:
 # ----------------------------------------------------------------------------- trimming
 
 
-def _magnitudes(delta: torch.Tensor, owned: bool) -> torch.Tensor:
-    """|δ| flat in float32; written over δ itself when the caller gives it away (``owned``)."""
-    if owned and delta.dtype == torch.float32 and delta.is_contiguous():
-        return delta.abs_().reshape(-1)
-    return delta.abs().reshape(-1).float()
-
-
-def topk_mask_exact(delta: torch.Tensor, density: float, owned: bool = False) -> torch.Tensor:
+def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly k = max(1, int(density·numel)) entries of largest |δ| (mergekit's
-    ``sparsify.magnitude``: ``argsort(|δ|, descending)[:k]``, so ties break as argsort does).
-    ``owned``: δ is the caller's scratch, overwritten (one tensor-sized copy less)."""
+    ``sparsify.magnitude``: ``argsort(|δ|, descending)[:k]``, so ties break as argsort does)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * delta.numel()))
-    mags = _magnitudes(delta, owned)
+    return _top_k_of(delta.abs().reshape(-1).float(), density).reshape(delta.shape)
+
+
+def _top_k_of(mags: torch.Tensor, density: float) -> torch.Tensor:
+    """:func:`topk_mask_exact` over flat float32 magnitudes (0 < density < 1), which it may
+    overwrite (the caller's to lose)."""
+    k = max(1, int(density * mags.numel()))
     # When the k-th largest value is not tied across the cut, the top-k set is unique and a
     # linear-time selection finds it; only a tie at the cut needs argsort's own tie order.
     kth = mags.kthvalue(mags.numel() - k + 1).values
     above = mags >= kth
     if int(above.sum()) == k:
-        return above.reshape(delta.shape)
+        return above
     del above
     # argsort(mags, descending=True), without argsort's own copy of the values: the same sort of
     # the same values, run over mags itself (ours, not needed after), gives the same order
     order = torch.empty(mags.numel(), dtype=torch.long, device=mags.device)
     torch.sort(mags, descending=True, out=(mags, order))
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask = torch.zeros(mags.numel(), dtype=torch.bool, device=mags.device)
     mask[order[:k]] = True
-    return mask.reshape(delta.shape)
+    return mask
 
 
 def kth_threshold(numel: int, density: float) -> int | None:
@@ -97,12 +94,12 @@ def kth_threshold(numel: int, density: float) -> int | None:
     return max(1, numel - int(numel * density))
 
 
-def topk_mask_kthvalue(delta: torch.Tensor, density: float, owned: bool = False) -> torch.Tensor:
+def topk_mask_kthvalue(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Per-tensor version of the reference code's rule: |δ| ≥ kthvalue(|δ|, d − int(d·density))."""
     rank = kth_threshold(delta.numel(), density)
     if rank is None:
         return torch.ones_like(delta, dtype=torch.bool)
-    mags = _magnitudes(delta, owned)
+    mags = delta.abs().reshape(-1).float()
     return (mags >= mags.kthvalue(rank).values).reshape(delta.shape)
 
 
@@ -568,16 +565,24 @@ def trim_task_vectors(
 def _tensor_masks(
     tensors: list[torch.Tensor], base: torch.Tensor, density: list[float], topk_rule: str, dtype: torch.dtype
 ) -> list[torch.Tensor | None]:
-    """Each task vector's per-tensor trim mask (None: keep all), formed one at a time in one
-    scratch buffer that the selection may overwrite."""
-    pick = topk_mask_exact if topk_rule == "exact" else topk_mask_kthvalue
+    """Each task vector's per-tensor trim mask (None: keep all), one task at a time: only |δ_t|
+    in float32 is held while its selection runs (in float32, the scratch δ_t itself)."""
     masks: list[torch.Tensor | None] = []
-    scratch = None
+    scratch = torch.empty(base.shape, dtype=dtype, device=base.device) if dtype == torch.float32 else None
     for x, keep in zip(tensors, density, strict=True):
         if keep >= 1:
             masks.append(None)
             continue
-        if scratch is None:
-            scratch = torch.empty(base.shape, dtype=dtype, device=base.device)
-        masks.append(pick(task_vector(x, base, dtype, out=scratch), keep, owned=True))
+        d = task_vector(x, base, dtype, out=scratch)
+        mags = d.abs_().reshape(-1) if d is scratch else d.abs().reshape(-1).float()
+        del d  # (a narrower δ_t is not held beside the sort)
+        if mags.numel() == 0 or (topk_rule == "exact" and keep <= 0):
+            mask = torch.zeros_like(mags, dtype=torch.bool)
+        elif topk_rule == "exact":
+            mask = _top_k_of(mags, keep)
+        else:
+            rank = kth_threshold(mags.numel(), keep)
+            mask = mags >= mags.kthvalue(rank).values
+        del mags
+        masks.append(mask.reshape(base.shape))
     return masks
