@@ -453,3 +453,59 @@ def test_polar_of_the_live_columns_equals_the_svd_of_the_whole_factor(monkeypatc
     fast, whole = both(deltas, entries)
     assert True not in taken
     assert torch.equal(fast, whole)
+
+
+def _esm_params(**over):
+    spec = get_method("esm")
+    params = spec.resolve(2, None, {"layer_power": 2.0, **over}, [{}, {}], "w", 0.0)
+    return params
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tall, full-rank statistics (live columns)",
+        "tall, fewer rows than inputs",
+        "wide",
+        "no statistics, tall (TSV-M)",
+        "no statistics, wide, one task unchanged",
+        "E wide (min_rank above d_out / T)",
+        "no statistics, T·k above min(m, n)",
+    ],
+)
+def test_the_reduction_pass_norm_equals_the_norm_of_the_formed_update(monkeypatch, case):
+    """The inter-layer pass takes ‖ΔW‖_F from singular values (ESM: factor·σ̄(E)·σ̄(C)·√min(C's
+    shape); TSV-M: ‖s‖₂) instead of forming ΔW; where those identities need shapes that do not
+    hold (a wide E, T·k > min(m, n)) it forms ΔW. Same number to float64 rounding either way,
+    and the polar factors are not computed where the identity holds."""
+    import alloykit.methods.esm as esm_module
+
+    g = torch.Generator().manual_seed(21)
+    shape, rows, stats, over = {
+        "tall, full-rank statistics (live columns)": ((40, 8), 30, True, {}),
+        "tall, fewer rows than inputs": ((40, 8), 5, True, {}),
+        "wide": ((6, 14), 30, True, {}),
+        "no statistics, tall (TSV-M)": ((40, 8), 0, False, {}),
+        "no statistics, wide, one task unchanged": ((6, 14), 0, False, {}),
+        "E wide (min_rank above d_out / T)": ((1, 5), 30, True, {"min_rank": 1}),
+        "no statistics, T·k above min(m, n)": ((1, 5), 0, False, {"min_rank": 1}),
+    }[case]
+    base = torch.randn(*shape, generator=g, dtype=DT)
+    fts = [base + 0.1 * torch.randn(*shape, generator=g, dtype=DT) for _ in range(2)]
+    if "unchanged" in case:
+        fts[1] = base.clone()
+    entries = tuple(
+        {"inputs": torch.randn(rows, shape[1], generator=g, dtype=DT), "tokens": rows} if stats else None
+        for _ in fts
+    )
+    params = _esm_params(**over)
+    ctx = TensorContext("w", statistics=entries if stats else ())
+    formed, branch = esm_module.esm_update(list(fts), base, ctx, params)
+    identity_holds = "above" not in case
+    if identity_holds:  # the norm path must not form the update
+        for name in ("gram_polar", "_live_columns_polar", "tsv_m_matrix"):
+            monkeypatch.setattr(esm_module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called"))
+    norm, norm_branch = esm_module.esm_update(list(fts), base, ctx, params, norm_only=True)
+    assert norm_branch == branch == ("essential" if stats else "tsv")
+    assert norm.dim() == 0 and float(norm) > 0
+    torch.testing.assert_close(norm, torch.linalg.matrix_norm(formed), rtol=1e-12, atol=0)

@@ -519,7 +519,6 @@ def test_a_narrow_base_is_subtracted_and_added_in_blocks_of_entries(method, monk
     assert all(torch.equal(got[k], v) for k, v in ref.items())
 
 
-
 def test_iso_cts_residual_adds_its_task_vector_in_blocks_of_entries(monkeypatch):
     """Iso-CTS's residual τ_t − U_c U_cᵀ τ_t is formed as (−U_c U_cᵀ τ_t) + τ_t, with τ_t added a
     block of entries at a time (no embedding-sized τ_t beside the projection): the bytes of the
@@ -588,3 +587,31 @@ def test_a_product_written_over_its_left_factor_has_the_bytes_of_a_fresh_product
     got = times_over(a, square)
     assert got.data_ptr() == a.data_ptr()  # written over a
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (64, 64)])
+def test_singular_values_from_the_gram_matrix_match_svdvals(shape):
+    """Top-k singular values through eigvalsh of the float64 Gram (no vectors), against
+    torch.linalg.svdvals in float64: within the Gram route's bound where σ₁/σ_k ≤ 10⁴; past it
+    (an ill-conditioned matrix) and for a zero matrix, svdvals itself."""
+    from alloykit.methods._svd import singular_values
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    truth = torch.linalg.svdvals(a)
+    for k in (None, 1, 10):
+        got = singular_values(a, k)
+        want = truth if k is None else truth[:k]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    # σ down to 1e-7 σ₁: the Gram would lose the small ones; the fallback keeps them
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    s = torch.logspace(0, -7, min(shape), dtype=torch.float64)
+    ill = (u * s) @ vh
+    torch.testing.assert_close(singular_values(ill), s, rtol=1e-6, atol=1e-20)
+    assert torch.equal(
+        singular_values(torch.zeros(*shape, dtype=torch.float64)),
+        torch.zeros(min(shape), dtype=torch.float64),
+    )
+    f32 = singular_values(a.float(), 5)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), truth[:5], rtol=1e-6, atol=0)

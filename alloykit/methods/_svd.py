@@ -334,6 +334,23 @@ def gram_polar(
     return _times64(a, (w / s) @ w.mT, overwrite)
 
 
+def singular_values(a: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The top ``k`` (default all min(m, n)) singular values of ``a``, descending, in its dtype:
+    square roots of the eigenvalues of the float64 Gram matrix of its narrower side where
+    σ₁/σ_k ≤ ``GRAM_MAX_COND`` (the accuracy of :func:`gram_svd`; no vectors, so several times
+    cheaper than any SVD, square matrices included), else ``torch.linalg.svdvals``."""
+    if a.shape[0] < a.shape[1]:
+        a = a.mT
+    r = a.shape[1]
+    k = r if k is None else min(k, r)
+    if k == 0:
+        return a.new_zeros(0)
+    s = torch.linalg.eigvalsh(_gram64(a)).flip(0)[:k].clamp(min=0).sqrt()
+    if bool(s[0] > 0) and bool(s[-1] * GRAM_MAX_COND >= s[0]):
+        return s.to(a.dtype)
+    return torch.linalg.svdvals(a)[:k]
+
+
 def randomized_svd(
     a: torch.Tensor, k: int, q: int, niter: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -455,6 +472,27 @@ def tsv_m_matrix(
     pv = top_svd.polar(vh, overwrite=True)
     del vh
     return times_over(pu, s[:, None] * pv)  # (pu: a fresh factor, or U overwritten; ours)
+
+
+def tsv_m_norm(deltas: Sequence[torch.Tensor], *, min_rank: int = 0) -> torch.Tensor | None:
+    """‖tsv_m_matrix(deltas)‖_F without the polar factors: ‖s‖₂ over the kept singular values,
+    since polar(U) (m × T·k) has orthonormal columns and polar(Vᵀ) orthonormal rows whenever
+    T·k ≤ min(m, n) (their thin SVDs are full, whatever U's rank); None when T·k exceeds that
+    (then the caller forms the matrix; nothing is taken from ``deltas``). The same number to
+    rounding (tested), from eigenvalues of Gram matrices only."""
+    m, n, dtype, _ = matrix_meta(deltas)
+    k = tsv_rank(min(m, n), len(deltas), min_rank)
+    if len(deltas) * k > min(m, n):
+        return None
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(len(deltas)):
+        d = deltas[t]
+        if k == 0 or not bool(d.any()):
+            continue
+        done_with(deltas, t)
+        total += singular_values(d, k).double().square().sum().cpu()
+        del d
+    return total.sqrt().to(dtype)
 
 
 def isotropic(s: torch.Tensor, u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
