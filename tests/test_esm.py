@@ -509,3 +509,39 @@ def test_the_reduction_pass_norm_equals_the_norm_of_the_formed_update(monkeypatc
     assert norm_branch == branch == ("essential" if stats else "tsv")
     assert norm.dim() == 0 and float(norm) > 0
     torch.testing.assert_close(norm, torch.linalg.matrix_norm(formed), rtol=1e-12, atol=0)
+
+
+def test_the_plan_sizes_esm_jobs_by_their_quadratic_working_memory():
+    """ESM holds d_out × d_out matrices (E, its SVD) for a matrix with statistics, so the plan's
+    bytes for its jobs come from the method's shape-aware estimate, not from a factor of the
+    tensor's size: quadratic in d_out, smaller without statistics (TSV-M) and at float32
+    precision, and a budget below one job is refused naming that tensor."""
+    from alloykit import merge
+    from alloykit.calibration import Statistics
+    from alloykit.errors import ParameterError
+    from alloykit.methods.esm import _working_bytes
+
+    g = torch.Generator().manual_seed(2)
+    base = {"tall": torch.randn(64, 8, generator=g), "taller": torch.randn(256, 8, generator=g),
+            "emb": torch.randn(64, 8, generator=g), "b": torch.randn(8, generator=g)}  # fmt: skip
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    x = torch.randn(30, 8, generator=g)
+    entry = {"inputs": x, "tokens": 30}
+    stats = [Statistics({"tall": entry, "taller": entry}, meta={"kind": "activations"}) for _ in fts]
+
+    def costs(**params):
+        res = merge(fts, base, "esm", None, statistics=stats, parameters=params, dry_run=True)
+        return {j.name: j.cost for j in res.plan.jobs if j.merge}, res.plan
+
+    c64, plan = costs()
+    params = next(j.params for j in plan.jobs if j.name == "tall")
+    io = (3 + 1) * 4  # three float32 inputs read, one float32 output, per element
+    stat = 3 * 2 * x.numel() * 4  # the plan counts statistics 3 times, for each of the 2 models
+    assert c64["tall"] == 64 * 8 * io + _working_bytes(params, (64, 8), 2, True) + stat
+    assert c64["emb"] == 64 * 8 * io + _working_bytes(params, (64, 8), 2, False)
+    assert c64["tall"] - stat > 2 * c64["emb"]  # the essential subspace needs more than TSV-M
+    assert (c64["taller"] - stat) > 10 * (c64["tall"] - stat)  # 4× d_out: ~16× the d_out² terms
+    c32, _ = costs(precision="float32")
+    assert c32["tall"] < c64["tall"] and c32["b"] < c64["b"]
+    with pytest.raises(ParameterError, match="'taller'"):
+        merge(fts, base, "esm", None, statistics=stats, max_memory=c64["taller"] - 1, dry_run=True)

@@ -308,20 +308,23 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             )
             readers_used = len(holders)
             k = len(sources)
-            factor = method.memory_factor
-            factor = factor(params) if callable(factor) else factor
-            per_elem = (k + 1) * compute.itemsize * (1 + factor)
             split = method.is_elementwise(params) and not aligned
         else:
             params = {}
             readers_used = len(holders)  # every copy is read: digests, non-float agreement
-            per_elem = 0
             split = True  # a copy is elementwise
-        per_elem += readers_used * src_meta.dtype.itemsize + out_dtype.itemsize
         stat_bytes = 0
         if merge and spec.statistics is not None:
             stat_bytes = sum(spec.statistics[i].nbytes(name) for i in sources)
             split = split and stat_bytes == 0  # statistics belong to the whole tensor
+        per_elem, working = 0.0, 0  # the method's own bytes: per element, or for the whole tensor
+        if merge and method.working_bytes is not None:
+            working = method.working_bytes(params, tuple(src_meta.shape), k, stat_bytes > 0)
+        elif merge:
+            factor = method.memory_factor
+            factor = factor(params) if callable(factor) else factor
+            per_elem = (k + 1) * compute.itemsize * (1 + factor)
+        per_elem += readers_used * src_meta.dtype.itemsize + out_dtype.itemsize
         step = spec.chunk_elements if split and spec.chunk_elements else max(numel, 1)
         row = 0  # elements per row when the tensor is streamed in slices of whole rows
         if (
@@ -349,7 +352,7 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
                     copy_from,
                     params,
                     read_bytes=readers_used * length * src_meta.dtype.itemsize + stat_bytes,
-                    cost=int(per_elem * length) + 3 * stat_bytes,
+                    cost=int(per_elem * length + working * length / max(numel, 1)) + 3 * stat_bytes,
                     compute_dtype=compute,
                     start=start,
                     length=None if whole else length,

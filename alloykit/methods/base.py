@@ -301,6 +301,10 @@ class MergeMethod:
     # tensor of 2 or more dimensions in slices of whole rows, handed to the method shaped
     # (rows, *shape[1:]). True, False, or a function of the resolved parameters.
     rowwise: bool | Callable[[dict[str, Any]], bool] = False
+    # ``working_bytes(params, shape, n_models, has_statistics) -> bytes`` held while merging one
+    # tensor of that shape, beyond its inputs and output (planning); replaces memory_factor for a
+    # method whose memory is not proportional to the tensor's size (ESM: d_out² matrices).
+    working_bytes: Callable[[dict[str, Any], tuple[int, ...], int, bool], int] | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
@@ -478,6 +482,7 @@ def merge_method(
     alignment: str | None = None,
     widens_inputs: bool = False,
     rowwise: bool | Callable[[dict[str, Any]], bool] = False,
+    working_bytes: Callable[[dict[str, Any], tuple[int, ...], int, bool], int] | None = None,
 ) -> Callable[[Callable], MergeMethod]:
     """Declare and register a method (see the module docstring)."""
 
@@ -503,6 +508,7 @@ def merge_method(
             alignment,
             widens_inputs,
             rowwise,
+            working_bytes,
         )
         for values in m.presets.values():
             for k in values:
