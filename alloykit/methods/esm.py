@@ -128,7 +128,11 @@ def essential_factors(
     """
     d_out = deltas[0].shape[0]
     r = tsv_rank(d_out, len(deltas), min_rank)
-    e_blocks, c_blocks, norms = [], [], []
+    # E's blocks are written into one buffer as they come (zeros where a block is padded: the
+    # bytes of zeros · g), not kept apart and then concatenated: one d_out × T·r copy less
+    e_cat: torch.Tensor | None = None
+    width = 0
+    c_blocks, norms = [], []
     for t, (delta, entry) in enumerate(zip(deltas, entries, strict=True)):
         basis, lam, numerical = essential_basis(delta, entry, tol)
         norms.append(
@@ -142,25 +146,30 @@ def essential_factors(
             warn(f"r = {r} exceeds the numerical rank {numerical} of task {t}'s output shift: {how}")
         lam_r = lam[:keep]
         if keep == 0 or float(lam_r.sum()) == 0.0:
-            e_blocks.append(None)
             c_blocks.append(None)
             continue
         e_hat = basis[:, :keep]
+        live = e_hat.shape[1]
         if keep > lam_r.numel():  # the factor route returns only the directions that can be non-zero
             lam_r = torch.cat([lam_r, lam_r.new_zeros(keep - lam_r.numel())])
             e_hat = torch.cat([e_hat, e_hat.new_zeros(e_hat.shape[0], keep - e_hat.shape[1])], dim=1)
         g = (lam_r / lam_r.mean()).pow(eigen_power)
         g = g / g.mean()
-        e_blocks.append(e_hat * g[None, :])
+        if e_cat is None:  # (keep ≤ r for every task: T·r columns hold them all)
+            e_cat = e_hat.new_zeros(d_out, r * (len(deltas) - t))
+        torch.mul(e_hat[:, :live], g[None, :live], out=e_cat[:, width : width + live])
+        width += keep
         c_blocks.append((e_hat.T @ delta) * g[:, None])
+        del e_hat
     mean_norm = torch.stack(norms).mean()
-    if float(mean_norm) == 0.0 or all(b is None for b in e_blocks):
+    if float(mean_norm) == 0.0 or e_cat is None:
         return None
+    if width < e_cat.shape[1]:  # (a task without a block, or fewer than r directions kept)
+        e_cat = e_cat[:, :width].contiguous()
     c_scaled = []
     for c, n in zip(c_blocks, norms, strict=True):
         if c is not None:
             c_scaled.append(c * (n / mean_norm).pow(task_power) if task_power else c)
-    e_cat = torch.cat([e for e in e_blocks if e is not None], dim=1)
     c_cat = torch.cat(c_scaled, dim=0)
     if column_power:
         cols = torch.linalg.vector_norm(c_cat, dim=0)
@@ -178,7 +187,7 @@ def essential_factors(
 
 
 def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, factor: float,
-               norm_only: bool = False, **levels: Any) -> torch.Tensor:  # fmt: skip
+               norm_only: bool = False, owned: bool = False, **levels: Any) -> torch.Tensor:  # fmt: skip
     """Merged update of one matrix: ΔW = factor · σ̄(E) polar(E) · σ̄(C) polar(C) over the factors
     of :func:`essential_factors`, σ̄ the mean singular value (a flat spectrum, as in Iso-C).
 
@@ -187,17 +196,22 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
     of rank min(C's shape) (its thin SVD is full, whatever C's rank; on the live-column route
     the same, since C's zero rows are zero rows of polar(C)): ‖ΔW‖_F = factor · σ̄(E) · σ̄(C) ·
     √min(C's shape), equal to the formed matrix's norm to rounding (1.4·10⁻¹⁴ for a 5632 × 2048
-    MLP projection), for a fraction of the time (no SVD of C, no polar(E))."""
+    MLP projection), for a fraction of the time (no SVD of C, no polar(E)).
+
+    ``owned``: ``deltas`` is the caller's to lose; it is emptied once E and C exist (the task
+    vectors are not needed for the polar steps: T matrix-sized buffers less at the peak)."""
     factors = essential_factors(deltas, entries, **levels)
     if factors is None:
         zero = deltas[0].new_zeros(deltas[0].shape)
         return zero.new_zeros(()) if norm_only else zero
     e_cat, c_cat = factors
-    if norm_only and e_cat.shape[0] >= e_cat.shape[1]:
+    if norm_only and e_cat.shape[0] < e_cat.shape[1]:  # (only when min_rank exceeds d_out / T)
+        return torch.linalg.matrix_norm(esm_matrix(deltas, entries, factor=factor, **levels))
+    if owned:
+        deltas.clear()
+    if norm_only:
         flat = _mean_singular_value(e_cat) * _mean_singular_value(c_cat)
         return factor * flat * math.sqrt(min(c_cat.shape))
-    if norm_only:  # (a wide E, only when min_rank exceeds d_out / T: form it)
-        return torch.linalg.matrix_norm(esm_matrix(deltas, entries, factor=factor, **levels))
     u_c, s_c, vh_c = thin_svd(c_cat)
     # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
     # zero rows of C are zero, and the columns of polar(E) that meet them do not matter
@@ -310,6 +324,7 @@ def esm_update(
             tol=max(deltas[0].shape) * eps,
             warn=(lambda msg: ctx.warn(f"esm, {ctx.name!r}: {msg}")),
             norm_only=norm_only,
+            owned=True,  # (this list of task vectors is ours)
         )
     except ParameterError as e:  # (the scaling overflowed: say where)
         raise ParameterError(f"{e} (tensor {ctx.name!r})") from None
