@@ -205,13 +205,18 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
         zero = deltas[0].new_zeros(deltas[0].shape)
         return zero.new_zeros(()) if norm_only else zero
     e_cat, c_cat = factors
-    if norm_only and e_cat.shape[0] < e_cat.shape[1]:  # (only when min_rank exceeds d_out / T)
-        return torch.linalg.matrix_norm(esm_matrix(deltas, entries, factor=factor, **levels))
     if owned:
         deltas.clear()
-    if norm_only:
+    if norm_only and e_cat.shape[0] >= e_cat.shape[1]:
         flat = _mean_singular_value(e_cat) * _mean_singular_value(c_cat)
         return factor * flat * math.sqrt(min(c_cat.shape))
+    update = _polar_merge(e_cat, c_cat, factor)
+    # (norm_only with a wide E, only when min_rank exceeds d_out / T: the formed update's norm)
+    return torch.linalg.matrix_norm(update) if norm_only else update
+
+
+def _polar_merge(e_cat: torch.Tensor, c_cat: torch.Tensor, factor: float) -> torch.Tensor:
+    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`)."""
     u_c, s_c, vh_c = thin_svd(c_cat)
     # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
     # zero rows of C are zero, and the columns of polar(E) that meet them do not matter
@@ -265,12 +270,10 @@ def _live_columns_polar(
 # ----------------------------------------------------------------------------- tensor rule
 
 
-def _branch(base: torch.Tensor, subspace: str, entries: tuple[Any, ...]) -> str:
-    if base.dim() != 2 or subspace == "mean":
+def _branch(ndim: int, subspace: str, has_statistics: bool) -> str:
+    if ndim != 2 or subspace == "mean":
         return "mean"
-    if subspace == "essential" and entries and all(e is not None for e in entries):
-        return "essential"
-    return "tsv"
+    return "essential" if subspace == "essential" and has_statistics else "tsv"
 
 
 def esm_update(
@@ -285,7 +288,8 @@ def esm_update(
     (a 0-d tensor; 2-D tensors), without its polar factors where that is exact (see
     :func:`esm_matrix`, :func:`tsv_m_norm`)."""
     wd = torch.float64 if params["precision"] == "float64" else torch.float32
-    branch = _branch(base, params["subspace"], ctx.statistics)
+    entries = ctx.statistics
+    branch = _branch(base.dim(), params["subspace"], bool(entries) and all(e is not None for e in entries))
     if branch == "tsv":
         # each τ_t formed when TSV-M takes it (the same values as below): an embedding-sized
         # matrix without statistics never holds its T task vectors and a widened base at once
@@ -391,9 +395,7 @@ def _working_bytes(
     1.9 with the SVD term), the embedding's TSV-M ~1.4 GB (estimate 1.7)."""
     w = 8 if params["precision"] == "float64" else 4
     numel = math.prod(shape)
-    branch = "mean" if len(shape) != 2 or params["subspace"] == "mean" else "tsv"
-    if branch == "tsv" and has_statistics and params["subspace"] == "essential":
-        branch = "essential"
+    branch = _branch(len(shape), params["subspace"], has_statistics)
     if branch == "mean":
         return 2 * (n_models + 1) * numel * w
     m, n = shape

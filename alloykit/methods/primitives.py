@@ -62,7 +62,18 @@ def topk_mask_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    return _top_k_of(delta.abs().reshape(-1).float(), density).reshape(delta.shape)
+    return _select(delta.abs().reshape(-1).float(), density, "exact").reshape(delta.shape)
+
+
+def _select(mags: torch.Tensor, density: float, rule: str) -> torch.Tensor:
+    """The per-tensor trim mask over flat float32 magnitudes (at least one entry, density < 1),
+    which it may overwrite: ``exact`` (:func:`topk_mask_exact`) or ``kthvalue``
+    (:func:`topk_mask_kthvalue`)."""
+    if rule == "kthvalue":
+        return mags >= mags.kthvalue(kth_threshold(mags.numel(), density)).values
+    if density <= 0:
+        return torch.zeros_like(mags, dtype=torch.bool)
+    return _top_k_of(mags, density)
 
 
 def _top_k_of(mags: torch.Tensor, density: float) -> torch.Tensor:
@@ -99,8 +110,7 @@ def topk_mask_kthvalue(delta: torch.Tensor, density: float) -> torch.Tensor:
     rank = kth_threshold(delta.numel(), density)
     if rank is None:
         return torch.ones_like(delta, dtype=torch.bool)
-    mags = delta.abs().reshape(-1).float()
-    return (mags >= mags.kthvalue(rank).values).reshape(delta.shape)
+    return _select(delta.abs().reshape(-1).float(), density, "kthvalue").reshape(delta.shape)
 
 
 def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -576,13 +586,7 @@ def _tensor_masks(
         d = task_vector(x, base, dtype, out=scratch)
         mags = d.abs_().reshape(-1) if d is scratch else d.abs().reshape(-1).float()
         del d  # (a narrower δ_t is not held beside the sort)
-        if mags.numel() == 0 or (topk_rule == "exact" and keep <= 0):
-            mask = torch.zeros_like(mags, dtype=torch.bool)
-        elif topk_rule == "exact":
-            mask = _top_k_of(mags, keep)
-        else:
-            rank = kth_threshold(mags.numel(), keep)
-            mask = mags >= mags.kthvalue(rank).values
+        mask = _select(mags, keep, topk_rule) if mags.numel() else torch.zeros_like(mags, dtype=torch.bool)
         del mags
         masks.append(mask.reshape(base.shape))
     return masks
