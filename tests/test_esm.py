@@ -455,6 +455,33 @@ def test_polar_of_the_live_columns_equals_the_svd_of_the_whole_factor(monkeypatc
     assert torch.equal(fast, whole)
 
 
+def test_a_declined_live_column_route_rebuilds_the_same_factor(monkeypatch):
+    """The live-column route lets E go before its Gram's eigh; when that Gram is too ill
+    conditioned the route declines and E is rebuilt for the SVD: the same bytes as E, the signs
+    of its zeros included (directions with λ = 0 are e · 0, negative where e is), and the merge
+    equals the one that never took the route."""
+    import alloykit.methods.esm as esm_module
+
+    g = torch.Generator().manual_seed(5)
+    # each task vector of rank 20 < d_in = 32: 12 of its 32 directions have λ = 0, so g = 0 and
+    # their columns of E are signed zeros; d_out = 96 pads each block to r = 48
+    f64 = torch.float64
+    deltas = [torch.randn(96, 20, generator=g, dtype=f64) @ torch.randn(20, 32, generator=g, dtype=f64)]
+    deltas.append(torch.randn(96, 20, generator=g, dtype=f64) @ torch.randn(20, 32, generator=g, dtype=f64))
+    x = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    entries = [{"gram": x.T @ x, "tokens": 40}] * 2
+    e_cat, c_cat = essential_factors(list(deltas), entries, **LEVELS)
+    zeros = e_cat == 0
+    assert bool(torch.signbit(e_cat[zeros]).any()) and not bool(torch.signbit(e_cat[zeros]).all())
+    monkeypatch.setattr(esm_module, "gram_polar", lambda a, s_out=None, overwrite=False: None)
+    pair = [e_cat.clone()]
+    assert esm_module._live_columns_polar(pair, c_cat.shape[1]) is None
+    assert len(pair) == 1 and torch.equal(pair[0].view(torch.int64), e_cat.view(torch.int64))
+    declined = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
+    monkeypatch.setattr(esm_module, "_live_columns_polar", lambda pair, c: None)
+    assert torch.equal(declined, esm_matrix(list(deltas), entries, factor=1.5, **LEVELS))
+
+
 def _esm_params(**over):
     spec = get_method("esm")
     params = spec.resolve(2, None, {"layer_power": 2.0, **over}, [{}, {}], "w", 0.0)

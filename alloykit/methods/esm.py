@@ -114,9 +114,11 @@ def essential_factors(
     basis_norm: str,
     tol: float,
     warn: Any = None,
+    owned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The scaled, concatenated factors (E, C) of one d_out × d_in matrix, before the polar step
-    (None when every task's block is zero).
+    (None when every task's block is zero). ``owned``: each ΔW_t in ``deltas`` is replaced by
+    None once its block exists (the caller's list; not read again).
 
     Per task: E_t, λ_t from :func:`essential_basis`; r = int(d_out · (1/T)) (raised to
     ``min_rank``; capped at the numerical rank with ``rank="numerical"``); Ê_t = E_t[:, :r],
@@ -147,20 +149,28 @@ def essential_factors(
         lam_r = lam[:keep]
         if keep == 0 or float(lam_r.sum()) == 0.0:
             c_blocks.append(None)
+            if owned:
+                deltas[t] = None
             continue
         e_hat = basis[:, :keep]
         live = e_hat.shape[1]
         if keep > lam_r.numel():  # the factor route returns only the directions that can be non-zero
             lam_r = torch.cat([lam_r, lam_r.new_zeros(keep - lam_r.numel())])
-            e_hat = torch.cat([e_hat, e_hat.new_zeros(e_hat.shape[0], keep - e_hat.shape[1])], dim=1)
         g = (lam_r / lam_r.mean()).pow(eigen_power)
         g = g / g.mean()
         if e_cat is None:  # (keep ≤ r for every task: T·r columns hold them all)
             e_cat = e_hat.new_zeros(d_out, r * (len(deltas) - t))
-        torch.mul(e_hat[:, :live], g[None, :live], out=e_cat[:, width : width + live])
+        # Ê_t, padded with zero columns to r, is E's block before the scaling: Ĉ_t = Ê_tᵀ ΔW_t
+        # is taken over that block (a padded copy of Ê_t less), then the block is scaled
+        block = e_cat[:, width : width + keep]
+        block[:, :live] = e_hat
+        c_blocks.append((block.T @ delta) * g[:, None])
+        block[:, :live] *= g[None, :live]
         width += keep
-        c_blocks.append((e_hat.T @ delta) * g[:, None])
-        del e_hat
+        del e_hat, basis, block
+        if owned:  # (ΔW_t is not read again)
+            deltas[t] = None
+        del delta
     mean_norm = torch.stack(norms).mean()
     if float(mean_norm) == 0.0 or e_cat is None:
         return None
@@ -198,36 +208,46 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
     √min(C's shape), equal to the formed matrix's norm to rounding (1.4·10⁻¹⁴ for a 5632 × 2048
     MLP projection), for a fraction of the time (no SVD of C, no polar(E)).
 
-    ``owned``: ``deltas`` is the caller's to lose; it is emptied once E and C exist (the task
-    vectors are not needed for the polar steps: T matrix-sized buffers less at the peak)."""
-    factors = essential_factors(deltas, entries, **levels)
-    if factors is None:
-        zero = deltas[0].new_zeros(deltas[0].shape)
-        return zero.new_zeros(()) if norm_only else zero
-    e_cat, c_cat = factors
+    ``owned``: ``deltas`` is the caller's to lose; each task vector goes once its blocks of E and
+    C exist, and the list is emptied (the polar steps do not need them: up to T matrix-sized
+    buffers less at the peak)."""
+    first = deltas[0]
+    shape, dtype, device = first.shape, first.dtype, first.device
+    del first
+    factors = essential_factors(deltas, entries, owned=owned, **levels)
     if owned:
         deltas.clear()
+    if factors is None:
+        return torch.zeros(() if norm_only else shape, dtype=dtype, device=device)
+    e_cat, c_cat = factors
     if norm_only and e_cat.shape[0] >= e_cat.shape[1]:
         flat = _mean_singular_value(e_cat) * _mean_singular_value(c_cat)
         return factor * flat * math.sqrt(min(c_cat.shape))
-    update = _polar_merge(e_cat, c_cat, factor)
+    pair = [e_cat, c_cat]
+    del e_cat, c_cat, factors  # (the pair's only references: _polar_merge lets each go early)
+    update = _polar_merge(pair, factor)
     # (norm_only with a wide E, only when min_rank exceeds d_out / T: the formed update's norm)
     return torch.linalg.matrix_norm(update) if norm_only else update
 
 
-def _polar_merge(e_cat: torch.Tensor, c_cat: torch.Tensor, factor: float) -> torch.Tensor:
-    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`)."""
+def _polar_merge(pair: list[torch.Tensor], factor: float) -> torch.Tensor:
+    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`) of ``pair`` = [E, C],
+    which is emptied: C goes once its SVD exists, E once its live columns are copied (or its SVD
+    exists), so neither is held through the other's decomposition."""
+    c_cat = pair.pop()
     u_c, s_c, vh_c = thin_svd(c_cat)
     # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
     # zero rows of C are zero, and the columns of polar(E) that meet them do not matter
     c_full_rank = (
         bool(s_c[0] > 0) and bool(s_c[-1] * GRAM_MAX_COND >= s_c[0]) and c_cat.shape[0] >= c_cat.shape[1]
     )
-    live = _live_columns_polar(e_cat, c_cat.shape[1]) if c_full_rank else None
+    c_columns = c_cat.shape[1]
+    del c_cat
+    live = _live_columns_polar(pair, c_columns) if c_full_rank else None
     if live is not None:
         mean_e, polar_live, columns = live
         return factor * mean_e * s_c.mean() * (polar_live @ (u_c[columns] @ vh_c))
-    u_e, s_e, vh_e = thin_svd(e_cat)
+    u_e, s_e, vh_e = thin_svd(pair.pop())
     return factor * s_e.mean() * s_c.mean() * ((u_e @ vh_e) @ (u_c @ vh_c))
 
 
@@ -239,10 +259,11 @@ def _mean_singular_value(a: torch.Tensor) -> torch.Tensor:
 
 
 def _live_columns_polar(
-    e_cat: torch.Tensor, c_columns: int
+    pair: list[torch.Tensor], c_columns: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(σ̄(E), polar(E'), the columns of E'), E' the columns of E that are not all zero, when
-    that is cheaper and exact; else None (the caller takes the SVD of E).
+    """(σ̄(E), polar(E'), the columns of E'), E' the columns of E = ``pair[0]`` that are not all
+    zero, when that is cheaper and exact (E is then taken from ``pair``); else None (``pair``
+    holds E again, the same bytes, for the caller's SVD of E).
 
     Blocks padded past a task's numerical rank (an MLP up-projection: r = d_out/T directions
     asked, at most d_in non-zero) and directions scaled by g = 0 are zero columns of E. With
@@ -253,16 +274,31 @@ def _live_columns_polar(
     column rank (the caller checks; otherwise both null-space parts are arbitrary — LAPACK's
     choice, as in the reference code — and the SVD of E is kept). polar(E') = E'(E'ᵀE')^(-1/2)
     through the float64 Gram of E' (an eigh of its width instead of an SVD of E: 2816 · 2 = 5632
-    columns of which 4096 live for a 1.1 B MLP up-projection: 136 → 73 s per matrix here)."""
+    columns of which 4096 live for a 1.1 B MLP up-projection: 136 → 73 s per matrix here).
+
+    E itself is let go before the Gram's eigh (a d_out × T·r buffer less at the job's peak);
+    should the Gram route decline, E is rebuilt from E' and the signs of its dead columns' zeros
+    (a product e · 0 keeps e's sign), so the SVD sees the bytes it would have seen."""
+    e_cat = pair[0]
     live = e_cat.abs().amax(dim=0) > 0
     n_live, (rows, cols) = int(live.sum()), e_cat.shape
     if n_live == cols or n_live >= rows or n_live < c_columns:
         # (no dead column; E' not tall; or C's live rows cannot have full column rank)
         return None
-    columns = live.nonzero().squeeze(1)
+    columns, dead = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
+    e_live = e_cat[:, columns]  # (a copy)
+    negative_zeros = torch.signbit(e_cat[:, dead])
+    pair.clear()
+    del e_cat
     s_live: list[torch.Tensor] = []
-    polar_live = gram_polar(e_cat[:, columns], s_live, overwrite=True)  # (a copy of E's live part)
-    if polar_live is None:
+    polar_live = gram_polar(e_live, s_live, overwrite=True)
+    if polar_live is None:  # (e_live untouched)
+        e_cat = e_live.new_zeros(rows, cols)
+        e_cat[:, columns] = e_live
+        zeros = e_live.new_zeros(negative_zeros.shape)
+        zeros[negative_zeros] = -0.0
+        e_cat[:, dead] = zeros
+        pair.append(e_cat)
         return None
     return s_live[0].sum() / min(rows, cols), polar_live, columns
 
@@ -391,8 +427,9 @@ def _working_bytes(
     its SVD (4 m², E being m × T·int(m/T)), E's live columns (m × L, L = min(m, T·n)) and their
     Gram with its eigen-decomposition (3 L²); for the TSV-M branch one task vector, U and the
     result (3 m × n) and 4 r² for the Grams (r = min(m, n)); otherwise 2 copies per input.
-    Measured at 1.1 B, float64, 2 tasks: a 5632 × 2048 MLP projection holds ~1.6 GB (estimate
-    1.9 with the SVD term), the embedding's TSV-M ~1.4 GB (estimate 1.7)."""
+    Measured at 1.1 B, float64, 2 tasks: a 5632 × 2048 MLP projection holds ~1.0 GiB on the
+    live-column route (estimate 1.9 GB: the SVD route's terms), the embedding's TSV-M ~1.4 GB
+    (estimate 1.7)."""
     w = 8 if params["precision"] == "float64" else 4
     numel = math.prod(shape)
     branch = _branch(len(shape), params["subspace"], has_statistics)
