@@ -104,6 +104,68 @@ def test_a_small_memory_bound_makes_passes_with_the_same_result():
         torch.testing.assert_close(one.get(name)["gram"], many.get(name)["gram"])
 
 
+def test_each_pass_goes_to_the_file_before_the_next_pass_runs(tmp_path):
+    """A calibration's entries are handed on as their pass ends, not all held to the end: with
+    one layer a pass, the forwards and hand-overs alternate (3 batches, then that layer's
+    entry), nothing is returned, and the file written that way holds the same bytes as the
+    statistics collected in memory."""
+    model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(4)])
+    batches = [torch.randn(20, 10) for _ in range(3)]
+    one_layer = 8 * 10 * 10 + 1
+    events: list[str] = []
+    model.register_forward_pre_hook(lambda module, args: events.append("F"))
+    held = collect_activation_statistics(
+        model, batches, store="gram", max_memory=one_layer, sink=lambda name, entry, source: events.append(name)
+    )
+    assert held.names() == []
+    # (the first forward is the probe that finds layers reading one input)
+    assert events == ["F"] + [e for i in range(4) for e in ("F", "F", "F", f"{i}.weight")]
+    in_memory = collect_activation_statistics(model, batches, store="gram", max_memory=one_layer)
+    path = tmp_path / "s.safetensors"
+    written = calibrate(model, batches, output=path, store="gram", max_memory=one_layer)
+    assert written.meta["tokens"] == 60 and sorted(written.names()) == sorted(in_memory.names())
+    for name in in_memory.names():
+        assert torch.equal(written.get(name)["gram"], in_memory.get(name)["gram"])
+    # the header's room is padded with spaces, as the format allows: safetensors reads it
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.equal(f.get_tensor("2.weight.gram"), in_memory.get("2.weight")["gram"])
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_a_header_past_its_reserved_room_is_written_before_the_copied_data(tmp_path, monkeypatch):
+    from alloykit.calibration import StatisticsWriter
+
+    stats = collect_activation_statistics(Masked(), _padded_batches()[0], store="gram")
+    stats.meta["note"] = "x" * 200_000  # more metadata than the room reserved for the header
+    monkeypatch.setattr(StatisticsWriter, "_COPY_BLOCK", 100)  # several blocks of data
+    path = stats.save(tmp_path / "s.safetensors")
+    loaded = StatisticsFile(path)
+    assert loaded.meta["note"] == stats.meta["note"]
+    for name in stats.names():
+        assert torch.equal(loaded.get(name)["gram"], stats.get(name)["gram"])
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_a_calibration_that_fails_midway_leaves_no_file(tmp_path):
+    """The second pass fails after the first pass's entries were written: neither the output
+    nor the temporary file remains."""
+    model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(4)])
+    calls = [0]
+
+    def fail_in_the_second_pass(module, args):
+        calls[0] += 1
+        if calls[0] == 6:  # (the probe, the first pass's 3 batches, one of the second's)
+            raise RuntimeError("the forward broke")
+
+    model.register_forward_pre_hook(fail_in_the_second_pass)
+    with pytest.raises(RuntimeError, match="the forward broke"):
+        calibrate(model, [torch.randn(20, 10) for _ in range(3)], output=tmp_path / "s.safetensors",
+                  store="gram", max_memory=8 * 10 * 10 + 1)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fisher_equals_per_example_squared_gradients_by_hand():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)

@@ -27,6 +27,7 @@ from alloykit.calibration.statistics import (
     Statistics,
     StatisticsFile,
     StatisticsSource,
+    StatisticsWriter,
     gram_of,
     open_statistics,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Statistics",
     "StatisticsFile",
     "StatisticsSource",
+    "StatisticsWriter",
     "Target",
     "calibrate",
     "collect_activation_statistics",
@@ -189,11 +191,16 @@ def calibrate(
         from alloykit.calibration.data import FolderModel
 
         task_model = FolderModel(folder, fingerprint)
+    # activation statistics go to the file pass by pass as they are made (not all held until the
+    # end: a 1.1 B model's are 4.3 GB beside the model); Fisher's are summed over every parameter
+    # at once and written at the end
+    writer = StatisticsWriter(output, len(module.state_dict())) if output is not None else None
     try:
         stats = _collect(
             module,
             batches,
             kind,
+            sink=writer.add if writer is not None and kind == "activations" else None,
             group_batches=group_batches,
             executor=executor,
             ray_address=ray_address,
@@ -209,19 +216,26 @@ def calibrate(
             log_probs=log_probs,
             estimator=estimator,
         )
+        if writer is not None:
+            for name, entry in stats.entries.items():  # (Fisher's; activations went as they came)
+                writer.add(name, entry, stats.shared.get(name))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         if target != home:
             module.to(home)
     if kind == "activations":
         tokens = {e["tokens"] for e in stats.entries.values()}
-        meta["tokens"] = max(tokens) if tokens else 0
+        meta["tokens"] = max(tokens, default=writer.tokens if writer is not None else 0)
     meta["samples"] = sum(_batch_size(b) for b in batches)
     stats.meta.update(meta)
     stats.label = model_label
-    if output is not None:
-        stats.save(output)
+    if writer is not None:
+        writer.commit(stats.meta)
         if log:
-            log(f"{output}: statistics of {len(stats.entries)} tensors written")
+            log(f"{output}: statistics of {len(writer.params)} tensors written")
         return StatisticsFile(output)
     return stats
 
@@ -232,8 +246,9 @@ def _collect(module: torch.nn.Module, batches: list[Any], kind: str, **options: 
     common = {k: options[k] for k in keys}
     if kind == "activations":
         return collect_activation_statistics(
-            module, batches, store=options["store"], max_memory=options["max_memory"], **common
-        )
+            module, batches, store=options["store"], max_memory=options["max_memory"], sink=options["sink"],
+            **common,
+        )  # fmt: skip
     return collect_fisher(
         module,
         batches,

@@ -19,7 +19,7 @@ squared and averaged: the empirical Fisher with the batch's labels, or the expec
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,7 @@ def collect_activation_statistics(
     ray_address: str | None = None,
     workers: int | None = None,
     task_model: Any = None,
+    sink: Callable[[str, dict[str, Any], str | None], None] | None = None,
 ) -> Statistics:
     """Input Gram matrices (or rows) of every selected linear layer of ``model`` over ``batches``.
 
@@ -260,6 +261,11 @@ def collect_activation_statistics(
     :class:`alloykit.calibration.data.FolderModel`); by default ``model`` travels through Ray's
     object store. Grouped sums hold a group's Grams beside the total, so with more than one group
     of more than one batch a pass holds half as many layers.
+
+    ``sink(name, entry, source)``: each pass's entries are handed on as the pass ends (``source``:
+    the parameter whose tensor a layer reading the same input shares, else None) and not kept,
+    so that a file written as they come holds them instead of memory (the returned statistics
+    then have no entries); without it they are returned.
     """
     from alloykit.engine.ray_passes import check_executor, groups_of
 
@@ -309,10 +315,23 @@ def collect_activation_statistics(
         def fold(name: str, part: _Partial) -> None:
             totals[name] = fold_partial(totals.get(name), part, device)
 
+        entries: dict[str, dict[str, Any]] = {}
+        shared: dict[str, str] = {}
+
+        def finish(pass_groups: list[list[Target]]) -> None:
+            for name, entry, source in _pass_entries(pass_groups, totals, dtype, rename):
+                if sink is not None:
+                    sink(name, entry, source)
+                    continue
+                entries[name] = entry
+                if source is not None:
+                    shared[name] = source
+
         if executor == "thread":
             for pass_groups in passes:
                 _activation_pass(model, [g[0] for g in pass_groups], grouped, store, mask_key,
                                  lambda g, name, part: fold(name, part), step)  # fmt: skip
+                finish(pass_groups)
         else:
             from alloykit.engine.ray_passes import ordered_map
 
@@ -330,35 +349,44 @@ def collect_activation_statistics(
 
             results = ordered_map(_activation_task, items, context, executor=executor,
                                   ray_address=ray_address, workers=workers, cost=cost)  # fmt: skip
-            for (_, _, group), partials in zip(items, results, strict=True):
+            for (p, i, group), partials in zip(items, results, strict=True):
                 with torch.no_grad():
                     for name, part in partials:
                         fold(name, part)
                 step(len(group))
+                if i == len(grouped) - 1:  # (items come pass by pass, in group order)
+                    finish(passes[p])
     finally:
         model.train(was_training)
-    entries: dict[str, dict[str, Any]] = {}
-    shared: dict[str, str] = {}
-    for pass_groups in passes:
-        for g in pass_groups:
-            leader = g[0]
-            total = totals.get(leader.module)
-            if total is None or total.n_rows == 0:
-                raise CheckpointError(f"layer {leader.module!r} saw no input rows (every row was padding?)")
-            entry = total.entry(dtype)
-            for t in g:
-                name = rename(t.param) if rename else t.param
-                entries[name] = {
-                    **entry,
-                    "transposed": t.transposed,
-                    "signature": weight_signature(t.layer.weight),
-                    "signature_dtype": str(t.layer.weight.dtype).removeprefix("torch."),
-                }
-                if t is not leader:
-                    shared[name] = rename(leader.param) if rename else leader.param
     stats = Statistics(entries, meta={"kind": "activations", "passes": len(passes)})
     stats.shared = shared
     return stats
+
+
+def _pass_entries(
+    pass_groups: list[list[Target]],
+    totals: dict[str, _Partial | None],
+    dtype: torch.dtype,
+    rename: Callable[[str], str] | None,
+) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+    """(name, entry, shared source or None) of every layer of a finished pass; its sums are
+    taken out of ``totals``."""
+    for g in pass_groups:
+        leader = g[0]
+        total = totals.pop(leader.module, None)
+        if total is None or total.n_rows == 0:
+            raise CheckpointError(f"layer {leader.module!r} saw no input rows (every row was padding?)")
+        entry = total.entry(dtype)
+        del total
+        source = rename(leader.param) if rename else leader.param
+        for t in g:
+            name = rename(t.param) if rename else t.param
+            layer = {
+                "transposed": t.transposed,
+                "signature": weight_signature(t.layer.weight),
+                "signature_dtype": str(t.layer.weight.dtype).removeprefix("torch."),
+            }
+            yield name, {**entry, **layer}, (None if t is leader else source)
 
 
 def _activation_pass(

@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
-from alloykit.errors import CheckpointError, NonFiniteError
+from alloykit.errors import CheckpointError, NonFiniteError, OutputError
+from alloykit.io.paths import describe_os_error
+from alloykit.io.readers import TensorMeta
+from alloykit.io.writer import safetensors_header
 
 KINDS = ("gram", "inputs", "fisher")
 _META_KEY = "alloykit_statistics"
@@ -129,27 +132,108 @@ class Statistics:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file (atomically: a temporary sibling renamed into place)."""
-        from safetensors.torch import save_file
+        with StatisticsWriter(path, len(self.entries)) as writer:
+            for name, entry in self.entries.items():
+                writer.add(name, entry, self.shared.get(name))
+            return writer.commit(self.meta)
 
-        path = Path(path)
-        tensors: dict[str, torch.Tensor] = {}
-        params: dict[str, Any] = {}
-        for name, entry in self.entries.items():
-            kind = next(k for k in KINDS if k in entry)
-            source = self.shared.get(name, name)
-            if source == name:
-                tensors[f"{name}.{kind}"] = entry[kind].detach().contiguous().cpu()
-            info = {k: v for k, v in entry.items() if k not in KINDS}
-            params[name] = {"source": source, "stat": kind, **info}
-        meta = {_META_KEY: json.dumps({"version": _VERSION, "params": params, **self.meta}, default=str)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+
+class StatisticsWriter:
+    """Writes statistics into a safetensors file as they are made: each entry's tensor goes to
+    disk when it is added, so a calibration holds only what it is still summing. Atomic: the
+    file is a hidden sibling until :meth:`commit` renames it into place; :meth:`abort` (or an
+    exception inside ``with``) removes it.
+
+    The header leads the file but is known only at the end: room for it is reserved (the format
+    lets a header be padded with spaces); one that outgrows the room (far more metadata than
+    ``entries`` suggests) is written into a new file, the data copied after it block by block."""
+
+    _PER_ENTRY = 512  # header bytes reserved per entry (a tensor's line and its parameters' ~300)
+    _COPY_BLOCK = 64 << 20
+
+    def __init__(self, path: str | os.PathLike, entries: int = 0):
+        self.path = Path(path)
+        self.reserve = 8 * ((65536 + self._PER_ENTRY * entries) // 8)
+        self.tensors: list[TensorMeta] = []
+        self.params: dict[str, dict[str, Any]] = {}
+        self.tokens = 0
+        self._written: set[str] = set()
+        self._tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
+            self._file.seek(self.reserve)
+        except OSError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise OutputError(describe_os_error(e, self.path)) from None
+
+    def add(self, name: str, entry: Mapping[str, Any], source: str | None = None) -> None:
+        """One parameter's entry; ``source``: the parameter whose tensor it shares (added before)."""
+        _check_entry(name, entry, str(self.path))
+        kind = next(k for k in KINDS if k in entry)
+        source = source or name
+        if source == name:
+            tensor = entry[kind].detach().cpu().contiguous()
+            self.tensors.append(TensorMeta(f"{name}.{kind}", tuple(tensor.shape), tensor.dtype))
+            try:
+                self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            except OSError as e:
+                self.abort()
+                raise OutputError(describe_os_error(e, self.path)) from None
+        elif f"{source}.{kind}" not in self._written:
+            raise CheckpointError(f"statistics for {name!r} share {source!r}'s {kind}, which was not added")
+        self._written.add(f"{name}.{kind}")
+        info = {k: v for k, v in entry.items() if k not in KINDS}
+        self.params[name] = {"source": source, "stat": kind, **info}
+        if kind != "fisher":
+            self.tokens = max(self.tokens, int(entry["tokens"]))
+
+    def commit(self, meta: Mapping[str, Any]) -> Path:
+        """Write the header (``meta``: the file's metadata besides the entries), rename into place."""
+        metadata = {_META_KEY: json.dumps({"version": _VERSION, "params": self.params, **meta}, default=str)}
+        try:
+            try:
+                head, _ = safetensors_header(self.tensors, metadata, size=self.reserve)
+                self._file.seek(0)
+                self._file.write(head)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except ValueError:  # (the header outgrew its room)
+                self._rewrite(metadata)
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OutputError(describe_os_error(e, self.path)) from None
+        return self.path
+
+    def _rewrite(self, metadata: dict[str, str]) -> None:
+        head, _ = safetensors_header(self.tensors, metadata)
+        self._file.close()
+        grown = self._tmp.with_name(self._tmp.name + ".2")
+        try:
+            with open(self._tmp, "rb") as src, open(grown, "wb") as dst:
+                dst.write(head)
+                src.seek(self.reserve)
+                while block := src.read(self._COPY_BLOCK):
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(grown, self._tmp)
         finally:
-            tmp.unlink(missing_ok=True)
-        return path
+            grown.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StatisticsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None or self._tmp.exists():
+            self.abort()
 
 
 class StatisticsFile:

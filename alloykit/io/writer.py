@@ -146,6 +146,21 @@ def plan_shards(metas: list[TensorMeta], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+def safetensors_header(
+    tensors: list[TensorMeta], metadata: dict[str, str], size: int | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """The 8-byte length and JSON header of a file holding ``tensors`` back to back, and each
+    tensor's offset in the data. ``size``: the header's whole length, 8 bytes included, padded
+    with spaces as the format allows (a writer that reserved room before it knew the header);
+    a header that does not fit raises ``ValueError``."""
+    head, offsets = _header(tensors, metadata)
+    if size is None or size == len(head):
+        return head, offsets
+    if size < len(head) or size % 8:
+        raise ValueError(f"a header of {len(head)} bytes does not fit in {size}")
+    return struct.pack("<Q", size - 8) + head[8:] + b" " * (size - len(head)), offsets
+
+
 def _header(tensors: list[TensorMeta], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     entries: dict[str, object] = {"__metadata__": metadata}
     offsets: dict[str, int] = {}
