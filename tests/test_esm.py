@@ -76,7 +76,7 @@ def test_each_scaling_level_on_a_two_task_example_by_hand():
     rows = torch.tensor([[3 * a, 0.0], [0.0, 2 * b]], dtype=DT)
     cols = rows.abs().sum(0)
     expected_c = rows * ((cols / cols.mean()) ** 2)[None, :]  # (c) inter-column
-    torch.testing.assert_close(e.abs(), torch.eye(2, dtype=DT))
+    torch.testing.assert_close(e.dense().abs(), torch.eye(2, dtype=DT))
     torch.testing.assert_close(c.abs(), expected_c)
     # polar of the identity and of a positive diagonal are I; σ̄(C) is the mean of the diagonal
     merged = esm_matrix([d1, d2], entries, factor=2.0, **LEVELS)
@@ -91,7 +91,7 @@ def test_eigenvalue_level_by_hand():
     # g = (λ/5)^0.5 / mean = [1.5, 0.5]
     d = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=DT)
     e, c = essential_factors([d], [_identity_gram(2)], **{**LEVELS, "eigen_power": 0.5, "column_power": 0.0})
-    torch.testing.assert_close(e.abs(), torch.diag(torch.tensor([1.5, 0.5], dtype=DT)))
+    torch.testing.assert_close(e.dense().abs(), torch.diag(torch.tensor([1.5, 0.5], dtype=DT)))
     torch.testing.assert_close(c.abs(), torch.diag(torch.tensor([4.5, 0.5], dtype=DT)))
 
 
@@ -455,11 +455,12 @@ def test_polar_of_the_live_columns_equals_the_svd_of_the_whole_factor(monkeypatc
     assert torch.equal(fast, whole)
 
 
-def test_a_declined_live_column_route_rebuilds_the_same_factor(monkeypatch):
-    """The live-column route lets E go before its Gram's eigh; when that Gram is too ill
-    conditioned the route declines and E is rebuilt for the SVD: the same bytes as E, the signs
-    of its zeros included (directions with λ = 0 are e · 0, negative where e is), and the merge
-    equals the one that never took the route."""
+def test_the_factor_e_is_kept_without_its_padding():
+    """E's blocks are padded to r = int(d_out/T) directions where fewer exist (an LM head: d_out =
+    vocabulary, r = d_out/2, at most d_in directions each): only the columns that exist are
+    stored, at their positions (signed zeros of directions with λ = 0 included), and the merge
+    through them equals the SVD of the dense, padded E. When the live-column route declines
+    (its Gram too ill conditioned), the SVD of the dense E is taken."""
     import alloykit.methods.esm as esm_module
 
     g = torch.Generator().manual_seed(5)
@@ -470,16 +471,24 @@ def test_a_declined_live_column_route_rebuilds_the_same_factor(monkeypatch):
     deltas.append(torch.randn(96, 20, generator=g, dtype=f64) @ torch.randn(20, 32, generator=g, dtype=f64))
     x = torch.randn(40, 32, generator=g, dtype=torch.float64)
     entries = [{"gram": x.T @ x, "tokens": 40}] * 2
-    e_cat, c_cat = essential_factors(list(deltas), entries, **LEVELS)
-    zeros = e_cat == 0
-    assert bool(torch.signbit(e_cat[zeros]).any()) and not bool(torch.signbit(e_cat[zeros]).all())
-    monkeypatch.setattr(esm_module, "gram_polar", lambda a, s_out=None, overwrite=False: None)
-    pair = [e_cat.clone()]
-    assert esm_module._live_columns_polar(pair, c_cat.shape[1]) is None
-    assert len(pair) == 1 and torch.equal(pair[0].view(torch.int64), e_cat.view(torch.int64))
-    declined = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
-    monkeypatch.setattr(esm_module, "_live_columns_polar", lambda pair, c: None)
-    assert torch.equal(declined, esm_matrix(list(deltas), entries, factor=1.5, **LEVELS))
+    e, c = essential_factors(list(deltas), entries, **LEVELS)
+    assert e.shape == (96, 96) and e.stored.shape == (96, 64)  # 2 × 32 directions of 2 × 48
+    assert torch.equal(e.index, torch.cat([torch.arange(32), torch.arange(48, 80)]))
+    dense = e.dense()
+    assert torch.equal(dense[:, e.index], e.stored) and not bool(dense[:, 32:48].any())
+    zeros = e.stored == 0
+    assert bool(torch.signbit(e.stored[zeros]).any())  # (kept as they came)
+    assert torch.equal(c[32:48], torch.zeros(16, 32, dtype=f64))  # C's rows for the padding
+    via_live = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        monkeypatch.setattr(esm_module, "gram_polar", lambda a, s_out=None, overwrite=False: None)
+        declined = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
+        monkeypatch.setattr(esm_module, "_live_columns_polar", lambda pair, c: None)
+        assert torch.equal(declined, esm_matrix(list(deltas), entries, factor=1.5, **LEVELS))
+    finally:
+        monkeypatch.undo()
+    torch.testing.assert_close(via_live, declined, rtol=1e-10, atol=1e-10 * float(declined.abs().max()))
 
 
 def _esm_params(**over):
@@ -539,10 +548,10 @@ def test_the_reduction_pass_norm_equals_the_norm_of_the_formed_update(monkeypatc
 
 
 def test_the_plan_sizes_esm_jobs_by_their_quadratic_working_memory():
-    """ESM holds d_out × d_out matrices (E, its SVD) for a matrix with statistics, so the plan's
-    bytes for its jobs come from the method's shape-aware estimate, not from a factor of the
-    tensor's size: quadratic in d_out, smaller without statistics (TSV-M) and at float32
-    precision, and a budget below one job is refused naming that tensor."""
+    """ESM holds d_out × T·d_in or d_out × d_out matrices (E's stored columns, the dense E and its
+    SVD) for a matrix with statistics, so the plan's bytes for its jobs come from the method's
+    shape-aware estimate, not from a factor of the tensor's size: smaller without statistics
+    (TSV-M) and at float32 precision, and a budget below one job is refused naming that tensor."""
     from alloykit import merge
     from alloykit.calibration import Statistics
     from alloykit.errors import ParameterError
@@ -567,7 +576,11 @@ def test_the_plan_sizes_esm_jobs_by_their_quadratic_working_memory():
     assert c64["tall"] == 64 * 8 * io + _working_bytes(params, (64, 8), 2, True) + stat
     assert c64["emb"] == 64 * 8 * io + _working_bytes(params, (64, 8), 2, False)
     assert c64["tall"] - stat > 2 * c64["emb"]  # the essential subspace needs more than TSV-M
-    assert (c64["taller"] - stat) > 10 * (c64["tall"] - stat)  # 4× d_out: ~16× the d_out² terms
+    # E is stored without its padding: with T·d_in < d_out (an LM head, an MLP up-projection)
+    # the estimate grows with d_out, not d_out²; the dense E (and its SVD) only where T·d_in ≥ d_out
+    assert 3 * (c64["tall"] - stat) < c64["taller"] - stat < 6 * (c64["tall"] - stat)  # 4× d_out
+    assert _working_bytes(params, (32000, 2048), 2, True) < 8 * 32000**2  # (the dense E alone)
+    assert _working_bytes(params, (512, 400), 2, True) > 8 * 4 * 512**2
     c32, _ = costs(precision="float32")
     assert c32["tall"] < c64["tall"] and c32["b"] < c64["b"]
     with pytest.raises(ParameterError, match="'taller'"):

@@ -102,6 +102,25 @@ def reference_norm(delta: torch.Tensor, basis: torch.Tensor, tokens: int) -> tor
     return torch.sqrt(head.square().sum() + tail.square().sum())
 
 
+class PaddedColumns:
+    """E without its padding: E's ``width`` columns are ``stored`` (d_out × w) at the positions
+    ``index`` and +0 elsewhere. Each task's block is padded to r = int(d_out/T) directions while
+    at most min(N, d_in) exist; for an LM head (d_out = vocabulary) the dense E would be
+    d_out × d_out (8 GB at 32000 in float64) of which 2 · 2048 columns are not zero."""
+
+    def __init__(self, stored: torch.Tensor, index: torch.Tensor, width: int):
+        self.stored, self.index, self.width = stored, index, width
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stored.shape[0], self.width
+
+    def dense(self) -> torch.Tensor:
+        e = self.stored.new_zeros(self.shape)
+        e[:, self.index] = self.stored
+        return e
+
+
 def essential_factors(
     deltas: list[torch.Tensor],
     entries: list[dict[str, Any]],
@@ -115,10 +134,11 @@ def essential_factors(
     tol: float,
     warn: Any = None,
     owned: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[PaddedColumns, torch.Tensor] | None:
     """The scaled, concatenated factors (E, C) of one d_out × d_in matrix, before the polar step
-    (None when every task's block is zero). ``owned``: each ΔW_t in ``deltas`` is replaced by
-    None once its block exists (the caller's list; not read again).
+    (None when every task's block is zero); E without its padded zero columns. ``owned``: each
+    ΔW_t in ``deltas`` is replaced by None once its block exists (the caller's list; not read
+    again).
 
     Per task: E_t, λ_t from :func:`essential_basis`; r = int(d_out · (1/T)) (raised to
     ``min_rank``; capped at the numerical rank with ``rank="numerical"``); Ê_t = E_t[:, :r],
@@ -130,10 +150,11 @@ def essential_factors(
     """
     d_out = deltas[0].shape[0]
     r = tsv_rank(d_out, len(deltas), min_rank)
-    # E's blocks are written into one buffer as they come (zeros where a block is padded: the
-    # bytes of zeros · g), not kept apart and then concatenated: one d_out × T·r copy less
-    e_cat: torch.Tensor | None = None
-    width = 0
+    # E's columns that exist are written into one buffer as they come (its padding is never
+    # formed: see PaddedColumns), grown only if a later task has more of them
+    stored: torch.Tensor | None = None
+    index: list[torch.Tensor] = []
+    used = width = 0
     c_blocks, norms = [], []
     for t, (delta, entry) in enumerate(zip(deltas, entries, strict=True)):
         basis, lam, numerical = essential_basis(delta, entry, tol)
@@ -153,29 +174,33 @@ def essential_factors(
                 deltas[t] = None
             continue
         e_hat = basis[:, :keep]
-        live = e_hat.shape[1]
-        if keep > lam_r.numel():  # the factor route returns only the directions that can be non-zero
+        live = e_hat.shape[1]  # (the factor route returns only the directions that can be non-zero)
+        if keep > lam_r.numel():
             lam_r = torch.cat([lam_r, lam_r.new_zeros(keep - lam_r.numel())])
         g = (lam_r / lam_r.mean()).pow(eigen_power)
         g = g / g.mean()
-        if e_cat is None:  # (keep ≤ r for every task: T·r columns hold them all)
-            e_cat = e_hat.new_zeros(d_out, r * (len(deltas) - t))
-        # Ê_t, padded with zero columns to r, is E's block before the scaling: Ĉ_t = Ê_tᵀ ΔW_t
-        # is taken over that block (a padded copy of Ê_t less), then the block is scaled
-        block = e_cat[:, width : width + keep]
-        block[:, :live] = e_hat
-        c_blocks.append((block.T @ delta) * g[:, None])
-        block[:, :live] *= g[None, :live]
+        if stored is None:
+            stored = e_hat.new_empty(d_out, live * (len(deltas) - t))
+        elif used + live > stored.shape[1]:
+            stored = torch.cat([stored[:, :used], e_hat.new_empty(d_out, live)], dim=1)
+        torch.mul(e_hat, g[None, :live], out=stored[:, used : used + live])
+        index.append(torch.arange(width, width + live))
+        # Ĉ_t = Ê_tᵀ ΔW_t · g: the rows of the padded directions are zeros
+        c = delta.new_zeros(keep, delta.shape[1])
+        torch.mul(e_hat.T @ delta, g[:live, None], out=c[:live])
+        c_blocks.append(c)
+        used += live
         width += keep
-        del e_hat, basis, block
+        del e_hat, basis, c
         if owned:  # (ΔW_t is not read again)
             deltas[t] = None
         del delta
     mean_norm = torch.stack(norms).mean()
-    if float(mean_norm) == 0.0 or e_cat is None:
+    if float(mean_norm) == 0.0 or stored is None:
         return None
-    if width < e_cat.shape[1]:  # (a task without a block, or fewer than r directions kept)
-        e_cat = e_cat[:, :width].contiguous()
+    if used < stored.shape[1]:
+        stored = stored[:, :used].contiguous()
+    e_cat = PaddedColumns(stored, torch.cat(index), width)
     c_scaled = []
     for c, n in zip(c_blocks, norms, strict=True):
         if c is not None:
@@ -186,7 +211,7 @@ def essential_factors(
         mean_col = cols.mean()
         if float(mean_col) > 0:
             c_cat = c_cat * (cols / mean_col).pow(column_power)[None, :]
-    if not (bool(torch.isfinite(e_cat).all()) and bool(torch.isfinite(c_cat).all())):
+    if not (bool(torch.isfinite(stored).all()) and bool(torch.isfinite(c_cat).all())):
         # a ratio raised to a large power leaves the float range (inf, or 0 then 0/0)
         raise ParameterError(
             f"esm: the polarized scaling overflows (eigen_power={eigen_power:g}, task_power="
@@ -221,19 +246,19 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
         return torch.zeros(() if norm_only else shape, dtype=dtype, device=device)
     e_cat, c_cat = factors
     if norm_only and e_cat.shape[0] >= e_cat.shape[1]:
-        flat = _mean_singular_value(e_cat) * _mean_singular_value(c_cat)
+        flat = _mean_singular_value(e_cat.stored, e_cat.shape) * _mean_singular_value(c_cat)
         return factor * flat * math.sqrt(min(c_cat.shape))
-    pair = [e_cat, c_cat]
+    pair: list[Any] = [e_cat, c_cat]
     del e_cat, c_cat, factors  # (the pair's only references: _polar_merge lets each go early)
     update = _polar_merge(pair, factor)
     # (norm_only with a wide E, only when min_rank exceeds d_out / T: the formed update's norm)
     return torch.linalg.matrix_norm(update) if norm_only else update
 
 
-def _polar_merge(pair: list[torch.Tensor], factor: float) -> torch.Tensor:
-    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`) of ``pair`` = [E, C],
-    which is emptied: C goes once its SVD exists, E once its live columns are copied (or its SVD
-    exists), so neither is held through the other's decomposition."""
+def _polar_merge(pair: list[Any], factor: float) -> torch.Tensor:
+    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`) of ``pair`` = [E, C]
+    (E a :class:`PaddedColumns`), which is emptied: C goes once its SVD exists, E once its
+    polar factor does, so neither is held through the other's decomposition."""
     c_cat = pair.pop()
     u_c, s_c, vh_c = thin_svd(c_cat)
     # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
@@ -247,23 +272,24 @@ def _polar_merge(pair: list[torch.Tensor], factor: float) -> torch.Tensor:
     if live is not None:
         mean_e, polar_live, columns = live
         return factor * mean_e * s_c.mean() * (polar_live @ (u_c[columns] @ vh_c))
-    u_e, s_e, vh_e = thin_svd(pair.pop())
+    u_e, s_e, vh_e = thin_svd(pair.pop().dense())
     return factor * s_e.mean() * s_c.mean() * ((u_e @ vh_e) @ (u_c @ vh_c))
 
 
-def _mean_singular_value(a: torch.Tensor) -> torch.Tensor:
-    """The mean of a's min(m, n) singular values, from the rows and columns that are not all
-    zero (those add only zero singular values; E's padded blocks and C's rows for them)."""
+def _mean_singular_value(a: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The mean of the min(m, n) singular values of a (or of the matrix of ``shape`` that holds
+    a's columns and zeros), from the rows and columns that are not all zero (those add only zero
+    singular values; E's padded blocks and C's rows for them)."""
     rows, cols = a.abs().amax(dim=1) > 0, a.abs().amax(dim=0) > 0
-    return singular_values(a[rows][:, cols]).sum() / min(a.shape)
+    return singular_values(a[rows][:, cols]).sum() / min(shape or a.shape)
 
 
 def _live_columns_polar(
-    pair: list[torch.Tensor], c_columns: int
+    pair: list[Any], c_columns: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(σ̄(E), polar(E'), the columns of E'), E' the columns of E = ``pair[0]`` that are not all
     zero, when that is cheaper and exact (E is then taken from ``pair``); else None (``pair``
-    holds E again, the same bytes, for the caller's SVD of E).
+    holds E again for the caller's SVD of E).
 
     Blocks padded past a task's numerical rank (an MLP up-projection: r = d_out/T directions
     asked, at most d_in non-zero) and directions scaled by g = 0 are zero columns of E. With
@@ -274,31 +300,25 @@ def _live_columns_polar(
     column rank (the caller checks; otherwise both null-space parts are arbitrary — LAPACK's
     choice, as in the reference code — and the SVD of E is kept). polar(E') = E'(E'ᵀE')^(-1/2)
     through the float64 Gram of E' (an eigh of its width instead of an SVD of E: 2816 · 2 = 5632
-    columns of which 4096 live for a 1.1 B MLP up-projection: 136 → 73 s per matrix here).
+    columns of which 4096 live for a 1.1 B MLP up-projection: 136 → 73 s per matrix here; for an
+    LM head of 32000 rows, 4096 of 32000).
 
-    E itself is let go before the Gram's eigh (a d_out × T·r buffer less at the job's peak);
-    should the Gram route decline, E is rebuilt from E' and the signs of its dead columns' zeros
-    (a product e · 0 keeps e's sign), so the SVD sees the bytes it would have seen."""
-    e_cat = pair[0]
-    live = e_cat.abs().amax(dim=0) > 0
-    n_live, (rows, cols) = int(live.sum()), e_cat.shape
+    Where every stored column is live, E' is E's stored buffer itself, and the polar factor is
+    written over it (no copy at the job's peak)."""
+    e = pair[0]
+    nonzero = e.stored.abs().amax(dim=0) > 0
+    n_live, (rows, cols) = int(nonzero.sum()), e.shape
     if n_live == cols or n_live >= rows or n_live < c_columns:
         # (no dead column; E' not tall; or C's live rows cannot have full column rank)
         return None
-    columns, dead = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
-    e_live = e_cat[:, columns]  # (a copy)
-    negative_zeros = torch.signbit(e_cat[:, dead])
+    every = n_live == e.stored.shape[1]
+    columns = e.index if every else e.index[nonzero]
+    e_live = e.stored if every else e.stored[:, nonzero]
     pair.clear()
-    del e_cat
     s_live: list[torch.Tensor] = []
     polar_live = gram_polar(e_live, s_live, overwrite=True)
-    if polar_live is None:  # (e_live untouched)
-        e_cat = e_live.new_zeros(rows, cols)
-        e_cat[:, columns] = e_live
-        zeros = e_live.new_zeros(negative_zeros.shape)
-        zeros[negative_zeros] = -0.0
-        e_cat[:, dead] = zeros
-        pair.append(e_cat)
+    if polar_live is None:  # (e_live, and so E, untouched)
+        pair.append(e)
         return None
     return s_live[0].sum() / min(rows, cols), polar_live, columns
 
@@ -423,13 +443,14 @@ def _working_bytes(
 ) -> int:
     """Planning estimate of what one tensor's merge holds besides its inputs (in the precision's
     bytes w): for a matrix in the essential subspace (d_out = m, d_in = n, T tasks) the T task
-    vectors and about 4 m × n more (per-task factors, C, the result), E and its padded blocks or
-    its SVD (4 m², E being m × T·int(m/T)), E's live columns (m × L, L = min(m, T·n)) and their
-    Gram with its eigen-decomposition (3 L²); for the TSV-M branch one task vector, U and the
-    result (3 m × n) and 4 r² for the Grams (r = min(m, n)); otherwise 2 copies per input.
-    Measured at 1.1 B, float64, 2 tasks: a 5632 × 2048 MLP projection holds ~1.0 GiB on the
-    live-column route (estimate 1.9 GB: the SVD route's terms), the embedding's TSV-M ~1.4 GB
-    (estimate 1.7)."""
+    vectors and about 4 m × n more (per-task factors, C, its SVD, the result), E's stored columns
+    (m × L, L = min(m, T·n) that can be non-zero) and their Gram with its eigen-decomposition
+    (3 L²); where E' is not tall (L = m) the SVD of the dense E instead (4 m²). (With statistics
+    of fewer rows than d_in/T, C lacks full column rank and the dense E's SVD is taken: 4 m² more
+    than planned.) For the TSV-M branch one task vector, U and the result (3 m × n) and 4 r² for
+    the Grams (r = min(m, n)); otherwise 2 copies per input. Measured at 1.1 B, float64, 2 tasks:
+    a 5632 × 2048 MLP projection holds ~1.0 GiB (estimate 1.03 GiB), the embedding's TSV-M
+    ~1.4 GB (estimate 1.7)."""
     w = 8 if params["precision"] == "float64" else 4
     numel = math.prod(shape)
     branch = _branch(len(shape), params["subspace"], has_statistics)
@@ -440,7 +461,8 @@ def _working_bytes(
         r = min(m, n)
         return w * (3 * m * n + 4 * r * r)
     live = min(m, n_models * n)
-    return w * (n_models * m * n + 4 * m * n + 4 * m * m + m * live + 3 * live * live)
+    dense = 4 * m * m if live == m else 0
+    return w * (n_models * m * n + 4 * m * n + m * live + 3 * live * live + dense)
 
 
 # ----------------------------------------------------------------------------- the method
