@@ -77,7 +77,7 @@ def test_each_scaling_level_on_a_two_task_example_by_hand():
     cols = rows.abs().sum(0)
     expected_c = rows * ((cols / cols.mean()) ** 2)[None, :]  # (c) inter-column
     torch.testing.assert_close(e.dense().abs(), torch.eye(2, dtype=DT))
-    torch.testing.assert_close(c.abs(), expected_c)
+    torch.testing.assert_close(c.dense().abs(), expected_c)
     # polar of the identity and of a positive diagonal are I; σ̄(C) is the mean of the diagonal
     merged = esm_matrix([d1, d2], entries, factor=2.0, **LEVELS)
     torch.testing.assert_close(merged, 2.0 * float(expected_c.diagonal().mean()) * torch.eye(2, dtype=DT))
@@ -92,7 +92,7 @@ def test_eigenvalue_level_by_hand():
     d = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=DT)
     e, c = essential_factors([d], [_identity_gram(2)], **{**LEVELS, "eigen_power": 0.5, "column_power": 0.0})
     torch.testing.assert_close(e.dense().abs(), torch.diag(torch.tensor([1.5, 0.5], dtype=DT)))
-    torch.testing.assert_close(c.abs(), torch.diag(torch.tensor([4.5, 0.5], dtype=DT)))
+    torch.testing.assert_close(c.dense().abs(), torch.diag(torch.tensor([4.5, 0.5], dtype=DT)))
 
 
 def test_esm_is_invariant_to_eigenvector_signs(monkeypatch):
@@ -455,11 +455,11 @@ def test_polar_of_the_live_columns_equals_the_svd_of_the_whole_factor(monkeypatc
     assert torch.equal(fast, whole)
 
 
-def test_the_factor_e_is_kept_without_its_padding():
+def test_the_factors_are_kept_without_their_padding():
     """E's blocks are padded to r = int(d_out/T) directions where fewer exist (an LM head: d_out =
     vocabulary, r = d_out/2, at most d_in directions each): only the columns that exist are
-    stored, at their positions (signed zeros of directions with λ = 0 included), and the merge
-    through them equals the SVD of the dense, padded E. When the live-column route declines
+    stored, at their positions (signed zeros of directions with λ = 0 included), C's rows for
+    them likewise, and the merge through them equals the SVD of the dense, padded E and C. When the live-column route declines
     (its Gram too ill conditioned), the SVD of the dense E is taken."""
     import alloykit.methods.esm as esm_module
 
@@ -478,7 +478,8 @@ def test_the_factor_e_is_kept_without_its_padding():
     assert torch.equal(dense[:, e.index], e.stored) and not bool(dense[:, 32:48].any())
     zeros = e.stored == 0
     assert bool(torch.signbit(e.stored[zeros]).any())  # (kept as they came)
-    assert torch.equal(c[32:48], torch.zeros(16, 32, dtype=f64))  # C's rows for the padding
+    assert c.shape == (96, 32) and c.stored.shape == (64, 32) and torch.equal(c.index, e.index)
+    assert not bool(c.dense()[32:48].any())  # C's rows for the padding
     via_live = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
     monkeypatch = pytest.MonkeyPatch()
     try:

@@ -102,23 +102,28 @@ def reference_norm(delta: torch.Tensor, basis: torch.Tensor, tokens: int) -> tor
     return torch.sqrt(head.square().sum() + tail.square().sum())
 
 
-class PaddedColumns:
-    """E without its padding: E's ``width`` columns are ``stored`` (d_out × w) at the positions
-    ``index`` and +0 elsewhere. Each task's block is padded to r = int(d_out/T) directions while
-    at most min(N, d_in) exist; for an LM head (d_out = vocabulary) the dense E would be
-    d_out × d_out (8 GB at 32000 in float64) of which 2 · 2048 columns are not zero."""
+class Padded:
+    """A factor without its padded zero lines: of its ``width`` columns (``axis`` 1: E) or rows
+    (``axis`` 0: C), ``stored`` holds those at the positions ``index``; the others are +0. Each
+    task's block is padded to r = int(d_out/T) directions while at most min(N, d_in) exist: for
+    an LM head (d_out = vocabulary) the dense E would be d_out × d_out (8 GB at 32000 in float64)
+    and C d_out × d_in, of which 2 · 2048 columns (rows) are not zero."""
 
-    def __init__(self, stored: torch.Tensor, index: torch.Tensor, width: int):
-        self.stored, self.index, self.width = stored, index, width
+    def __init__(self, stored: torch.Tensor, index: torch.Tensor, width: int, axis: int):
+        self.stored, self.index, self.width, self.axis = stored, index, width, axis
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.stored.shape[0], self.width
+        rows, cols = self.stored.shape
+        return (rows, self.width) if self.axis == 1 else (self.width, cols)
 
     def dense(self) -> torch.Tensor:
-        e = self.stored.new_zeros(self.shape)
-        e[:, self.index] = self.stored
-        return e
+        out = self.stored.new_zeros(self.shape)
+        if self.axis == 1:
+            out[:, self.index] = self.stored
+        else:
+            out[self.index] = self.stored
+        return out
 
 
 def essential_factors(
@@ -134,11 +139,11 @@ def essential_factors(
     tol: float,
     warn: Any = None,
     owned: bool = False,
-) -> tuple[PaddedColumns, torch.Tensor] | None:
+) -> tuple[Padded, Padded] | None:
     """The scaled, concatenated factors (E, C) of one d_out × d_in matrix, before the polar step
-    (None when every task's block is zero); E without its padded zero columns. ``owned``: each
-    ΔW_t in ``deltas`` is replaced by None once its block exists (the caller's list; not read
-    again).
+    (None when every task's block is zero); E and C without their padded zero columns and rows.
+    ``owned``: each ΔW_t in ``deltas`` is replaced by None once its block exists (the caller's
+    list; not read again).
 
     Per task: E_t, λ_t from :func:`essential_basis`; r = int(d_out · (1/T)) (raised to
     ``min_rank``; capped at the numerical rank with ``rank="numerical"``); Ê_t = E_t[:, :r],
@@ -151,7 +156,7 @@ def essential_factors(
     d_out = deltas[0].shape[0]
     r = tsv_rank(d_out, len(deltas), min_rank)
     # E's columns that exist are written into one buffer as they come (its padding is never
-    # formed: see PaddedColumns), grown only if a later task has more of them
+    # formed: see Padded), grown only if a later task has more of them
     stored: torch.Tensor | None = None
     index: list[torch.Tensor] = []
     used = width = 0
@@ -185,13 +190,10 @@ def essential_factors(
             stored = torch.cat([stored[:, :used], e_hat.new_empty(d_out, live)], dim=1)
         torch.mul(e_hat, g[None, :live], out=stored[:, used : used + live])
         index.append(torch.arange(width, width + live))
-        # Ĉ_t = Ê_tᵀ ΔW_t · g: the rows of the padded directions are zeros
-        c = delta.new_zeros(keep, delta.shape[1])
-        torch.mul(e_hat.T @ delta, g[:live, None], out=c[:live])
-        c_blocks.append(c)
+        c_blocks.append((e_hat.T @ delta) * g[:live, None])  # Ĉ_t (its padded rows: zeros)
         used += live
         width += keep
-        del e_hat, basis, c
+        del e_hat, basis
         if owned:  # (ΔW_t is not read again)
             deltas[t] = None
         del delta
@@ -200,7 +202,8 @@ def essential_factors(
         return None
     if used < stored.shape[1]:
         stored = stored[:, :used].contiguous()
-    e_cat = PaddedColumns(stored, torch.cat(index), width)
+    positions = torch.cat(index)
+    e_cat = Padded(stored, positions, width, axis=1)
     c_scaled = []
     for c, n in zip(c_blocks, norms, strict=True):
         if c is not None:
@@ -218,7 +221,7 @@ def essential_factors(
             f"{task_power:g}, column_power={column_power:g}): ratios of norms raised to these powers "
             "are not finite; use smaller powers (the paper's are 0 to 2)"
         )
-    return e_cat, c_cat
+    return e_cat, Padded(c_cat, positions, width, axis=0)
 
 
 def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, factor: float,
@@ -246,32 +249,37 @@ def esm_matrix(deltas: list[torch.Tensor], entries: list[dict[str, Any]], *, fac
         return torch.zeros(() if norm_only else shape, dtype=dtype, device=device)
     e_cat, c_cat = factors
     if norm_only and e_cat.shape[0] >= e_cat.shape[1]:
-        flat = _mean_singular_value(e_cat.stored, e_cat.shape) * _mean_singular_value(c_cat)
+        flat = _mean_singular_value(e_cat.stored, e_cat.shape)
+        flat = flat * _mean_singular_value(c_cat.stored, c_cat.shape)
         return factor * flat * math.sqrt(min(c_cat.shape))
-    pair: list[Any] = [e_cat, c_cat]
+    pair = [e_cat, c_cat]
     del e_cat, c_cat, factors  # (the pair's only references: _polar_merge lets each go early)
     update = _polar_merge(pair, factor)
     # (norm_only with a wide E, only when min_rank exceeds d_out / T: the formed update's norm)
     return torch.linalg.matrix_norm(update) if norm_only else update
 
 
-def _polar_merge(pair: list[Any], factor: float) -> torch.Tensor:
-    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`) of ``pair`` = [E, C]
-    (E a :class:`PaddedColumns`), which is emptied: C goes once its SVD exists, E once its
-    polar factor does, so neither is held through the other's decomposition."""
-    c_cat = pair.pop()
-    u_c, s_c, vh_c = thin_svd(c_cat)
+def _polar_merge(pair: list[Padded], factor: float) -> torch.Tensor:
+    """factor · σ̄(E) polar(E) · σ̄(C) polar(C) (see :func:`esm_matrix`) of ``pair`` = [E, C],
+    which is emptied: C goes once its SVD exists, E once its polar factor does, so neither is
+    held through the other's decomposition. C's SVD is taken over its stored rows (its zero rows
+    are zero rows of U; the same singular values); where the live-column route does not apply,
+    over the dense C, with the dense E."""
+    c = pair.pop()
+    u_c, s_c, vh_c = thin_svd(c.stored)
     # polar(C) is unique (C of full column rank) only when σ_min(C) > 0: then its rows for the
     # zero rows of C are zero, and the columns of polar(E) that meet them do not matter
-    c_full_rank = (
-        bool(s_c[0] > 0) and bool(s_c[-1] * GRAM_MAX_COND >= s_c[0]) and c_cat.shape[0] >= c_cat.shape[1]
-    )
-    c_columns = c_cat.shape[1]
-    del c_cat
-    live = _live_columns_polar(pair, c_columns) if c_full_rank else None
+    rows, columns = c.stored.shape
+    c_full_rank = rows >= columns and bool(s_c[0] > 0) and bool(s_c[-1] * GRAM_MAX_COND >= s_c[0])
+    live = _live_columns_polar(pair, columns) if c_full_rank else None
     if live is not None:
-        mean_e, polar_live, columns = live
-        return factor * mean_e * s_c.mean() * (polar_live @ (u_c[columns] @ vh_c))
+        del c
+        mean_e, polar_live, nonzero = live
+        u_rows = u_c if nonzero is None else u_c[nonzero]
+        return factor * mean_e * s_c.mean() * (polar_live @ (u_rows @ vh_c))
+    del u_c, s_c, vh_c
+    u_c, s_c, vh_c = thin_svd(c.dense())
+    del c
     u_e, s_e, vh_e = thin_svd(pair.pop().dense())
     return factor * s_e.mean() * s_c.mean() * ((u_e @ vh_e) @ (u_c @ vh_c))
 
@@ -285,11 +293,11 @@ def _mean_singular_value(a: torch.Tensor, shape: tuple[int, int] | None = None) 
 
 
 def _live_columns_polar(
-    pair: list[Any], c_columns: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(σ̄(E), polar(E'), the columns of E'), E' the columns of E = ``pair[0]`` that are not all
-    zero, when that is cheaper and exact (E is then taken from ``pair``); else None (``pair``
-    holds E again for the caller's SVD of E).
+    pair: list[Padded], c_columns: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(σ̄(E), polar(E'), which of E's stored columns are E' — None for all of them), E' the
+    columns of E = ``pair[0]`` that are not all zero, when that is cheaper and exact (E is then
+    taken from ``pair``); else None (``pair`` holds E again for the caller's SVD of E).
 
     Blocks padded past a task's numerical rank (an MLP up-projection: r = d_out/T directions
     asked, at most d_in non-zero) and directions scaled by g = 0 are zero columns of E. With
@@ -312,7 +320,6 @@ def _live_columns_polar(
         # (no dead column; E' not tall; or C's live rows cannot have full column rank)
         return None
     every = n_live == e.stored.shape[1]
-    columns = e.index if every else e.index[nonzero]
     e_live = e.stored if every else e.stored[:, nonzero]
     pair.clear()
     s_live: list[torch.Tensor] = []
@@ -320,7 +327,7 @@ def _live_columns_polar(
     if polar_live is None:  # (e_live, and so E, untouched)
         pair.append(e)
         return None
-    return s_live[0].sum() / min(rows, cols), polar_live, columns
+    return s_live[0].sum() / min(rows, cols), polar_live, (None if every else nonzero)
 
 
 # ----------------------------------------------------------------------------- tensor rule
