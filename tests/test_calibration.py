@@ -114,9 +114,10 @@ def test_each_pass_goes_to_the_file_before_the_next_pass_runs(tmp_path):
     one_layer = 8 * 10 * 10 + 1
     events: list[str] = []
     model.register_forward_pre_hook(lambda module, args: events.append("F"))
-    held = collect_activation_statistics(
-        model, batches, store="gram", max_memory=one_layer, sink=lambda name, entry, source: events.append(name)
-    )
+    def sink(name, entry, source):
+        events.append(name)
+
+    held = collect_activation_statistics(model, batches, store="gram", max_memory=one_layer, sink=sink)
     assert held.names() == []
     # (the first forward is the probe that finds layers reading one input)
     assert events == ["F"] + [e for i in range(4) for e in ("F", "F", "F", f"{i}.weight")]

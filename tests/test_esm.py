@@ -459,8 +459,9 @@ def test_the_factors_are_kept_without_their_padding():
     """E's blocks are padded to r = int(d_out/T) directions where fewer exist (an LM head: d_out =
     vocabulary, r = d_out/2, at most d_in directions each): only the columns that exist are
     stored, at their positions (signed zeros of directions with λ = 0 included), C's rows for
-    them likewise, and the merge through them equals the SVD of the dense, padded E and C. When the live-column route declines
-    (its Gram too ill conditioned), the SVD of the dense E is taken."""
+    them likewise, and the merge through them (never forming the padding) equals the SVD of the
+    dense, padded E and C. When the live-column route declines (its Gram too ill conditioned),
+    the SVD of the dense E is taken."""
     import alloykit.methods.esm as esm_module
 
     g = torch.Generator().manual_seed(5)
@@ -480,9 +481,12 @@ def test_the_factors_are_kept_without_their_padding():
     assert bool(torch.signbit(e.stored[zeros]).any())  # (kept as they came)
     assert c.shape == (96, 32) and c.stored.shape == (64, 32) and torch.equal(c.index, e.index)
     assert not bool(c.dense()[32:48].any())  # C's rows for the padding
-    via_live = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
     monkeypatch = pytest.MonkeyPatch()
     try:
+        # the live-column route never forms the padded matrices
+        monkeypatch.setattr(esm_module.Padded, "dense", lambda self: pytest.fail("padding formed"))
+        via_live = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
+        monkeypatch.undo()
         monkeypatch.setattr(esm_module, "gram_polar", lambda a, s_out=None, overwrite=False: None)
         declined = esm_matrix(list(deltas), entries, factor=1.5, **LEVELS)
         monkeypatch.setattr(esm_module, "_live_columns_polar", lambda pair, c: None)
