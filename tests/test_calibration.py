@@ -149,6 +149,14 @@ def test_a_header_past_its_reserved_room_is_written_before_the_copied_data(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
 
 
+def test_statistics_the_format_cannot_hold_leave_no_file(tmp_path):
+    x = torch.randn(4, 3, dtype=torch.complex64)
+    stats = Statistics({"w": {"inputs": x, "tokens": 4}})
+    with pytest.raises(CheckpointError, match="'w' are complex64, which a safetensors file cannot hold"):
+        stats.save(tmp_path / "s.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_calibration_that_fails_midway_leaves_no_file(tmp_path):
     """The second pass fails after the first pass's entries were written: neither the output
     nor the temporary file remains."""

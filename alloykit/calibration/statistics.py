@@ -30,7 +30,7 @@ import torch
 
 from alloykit.errors import CheckpointError, NonFiniteError, OutputError
 from alloykit.io.paths import describe_os_error
-from alloykit.io.readers import TensorMeta
+from alloykit.io.readers import DTYPE_TO_SAFETENSORS, TensorMeta
 from alloykit.io.writer import safetensors_header
 
 KINDS = ("gram", "inputs", "fisher")
@@ -174,6 +174,11 @@ class StatisticsWriter:
         source = source or name
         if source == name:
             tensor = entry[kind].detach().cpu().contiguous()
+            if tensor.dtype not in DTYPE_TO_SAFETENSORS:
+                raise CheckpointError(
+                    f"statistics for {name!r} are {str(tensor.dtype).removeprefix('torch.')}, which a "
+                    "safetensors file cannot hold"
+                )
             self.tensors.append(TensorMeta(f"{name}.{kind}", tuple(tensor.shape), tensor.dtype))
             try:
                 self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
@@ -205,6 +210,9 @@ class StatisticsWriter:
         except OSError as e:
             self.abort()
             raise OutputError(describe_os_error(e, self.path)) from None
+        except BaseException:  # (a dtype the format lacks, an interrupt: no temporary left)
+            self.abort()
+            raise
         return self.path
 
     def _rewrite(self, metadata: dict[str, str]) -> None:
