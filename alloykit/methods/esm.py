@@ -442,7 +442,7 @@ class LayerNorms:
         return {"layer_scale": scale, "layer_norm": norms}
 
 
-# ----------------------------------------------------------------------------- the method
+# ----------------------------------------------------------------------------- memory (planning)
 
 
 def _working_bytes(
