@@ -338,3 +338,22 @@ def test_a_free_worker_takes_a_later_job_that_fits_while_an_outsized_one_waits()
     assert peak[0] <= 11
     assert sorted(results) == [(0, "BIG1"), (1, "BIG2"), (2, "SMALL1"), (3, "SMALL2")]
     assert list(in_plan_order(iter(results))) == ["BIG1", "BIG2", "SMALL1", "SMALL2"]
+
+
+def test_intra_op_threads_limits_numpy_blas_too_and_restores_it():
+    """The SVD methods' float64 Grams and eigendecompositions run in numpy's OpenBLAS: inside a
+    merge its pool is cut to the per-job thread count like torch's (else two workers would start
+    two threads each on two cores), and both are restored afterwards."""
+    import numpy as np  # noqa: F401 - loads numpy's BLAS so that threadpoolctl sees it
+    from threadpoolctl import threadpool_info
+
+    from alloykit.engine.executor import intra_op_threads
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before_blas, before_torch = blas_threads(), torch.get_num_threads()
+    assert before_blas  # numpy's BLAS is found, else the check below is empty
+    with intra_op_threads(1):
+        assert blas_threads() == {1} and torch.get_num_threads() == 1
+    assert blas_threads() == before_blas and torch.get_num_threads() == before_torch

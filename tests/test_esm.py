@@ -100,15 +100,22 @@ def test_esm_is_invariant_to_eigenvector_signs(monkeypatch):
     deltas = [torch.randn(12, 8, generator=g, dtype=DT) for _ in range(3)]
     entries = [{"inputs": torch.randn(30, 8, generator=g, dtype=DT), "tokens": 30} for _ in range(3)]
     expected = esm_matrix(deltas, entries, factor=2.0, **LEVELS)
-    real = torch.linalg.eigh
+    import alloykit.methods._svd as svd_module
+    import alloykit.methods.esm as esm_module
+
+    real = svd_module.eigh64
+    calls = []
 
     def flipped(m):
+        calls.append(m.shape)
         lam, vec = real(m)
         signs = torch.where(torch.rand(vec.shape[1], generator=g) < 0.5, -1.0, 1.0).to(vec.dtype)
         return lam, vec * signs
 
-    monkeypatch.setattr(torch.linalg, "eigh", flipped)
+    monkeypatch.setattr(esm_module, "eigh64", flipped)
+    monkeypatch.setattr(svd_module, "eigh64", flipped)
     torch.testing.assert_close(esm_matrix(deltas, entries, factor=2.0, **LEVELS), expected)
+    assert calls  # the decompositions went through the flipped routine
 
 
 def test_layer_type_removes_layer_indices():

@@ -615,3 +615,44 @@ def test_singular_values_from_the_gram_matrix_match_svdvals(shape):
     f32 = singular_values(a.float(), 5)
     assert f32.dtype == torch.float32
     torch.testing.assert_close(f32.double(), truth[:5], rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------- numpy's LAPACK on CPU
+
+
+def test_eigh64_on_cpu_matches_torch_and_reads_the_lower_triangle():
+    """The Gram route's eigendecomposition goes through numpy on the CPU: the same eigenvalues
+    as torch.linalg.eigh, eigenvectors equal up to sign, computed from the lower triangle only
+    (what is above the diagonal is ignored, as torch ignores it)."""
+    from alloykit.methods._svd import eigh64
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(50, 30, generator=g, dtype=torch.float64)
+    sym = a.T @ a
+    lam_t, w_t = torch.linalg.eigh(sym)
+    garbage = sym.tril() + torch.randn(30, 30, generator=g, dtype=torch.float64).triu(1)
+    lam, w = eigh64(garbage)
+    assert lam.dtype == torch.float64 and w.shape == (30, 30)
+    torch.testing.assert_close(lam, lam_t, rtol=1e-12, atol=1e-12)
+    signs = torch.sign((w * w_t).sum(0))
+    torch.testing.assert_close(w * signs, w_t, rtol=0, atol=1e-10)
+    # float32 (or another device) keeps torch's own routine
+    lam32, _ = eigh64(sym.float())
+    assert lam32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(20000, 24), (24, 20000), (300, 300)])
+def test_gram64_on_cpu_is_exactly_symmetric_and_matches_the_float64_product(shape):
+    """AᵀA of the tall side (row blocks of 8192 summed in numpy): equal to the float64 product to
+    rounding, exactly symmetric, for float32 inputs, and for the transposed view a wide matrix
+    is decomposed through."""
+    from alloykit.methods._svd import _gram64
+
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(*shape, generator=g)
+    tall = a if shape[0] >= shape[1] else a.mT  # (a non-contiguous view for the wide one)
+    got = _gram64(tall)
+    want = tall.double().T @ tall.double()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    assert torch.equal(got, got.T)

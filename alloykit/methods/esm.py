@@ -15,6 +15,7 @@ from alloykit.methods._svd import (
     GRAM_MAX_COND,
     TaskVectors,
     TopSVD,
+    eigh64,
     gram_polar,
     singular_values,
     thin_svd,
@@ -72,7 +73,7 @@ def essential_basis(
         factor = delta @ entry["inputs"].to(delta.dtype).T  # ΔOᵀ, d_out × N
     elif d_in < d_out:
         g = gram_of(entry, delta.dtype)
-        w, q = torch.linalg.eigh((g + g.T) / 2)
+        w, q = eigh64((g + g.T) / 2)
         factor = delta @ (q * w.clamp(min=0).sqrt()[None, :])
     else:
         factor = None
@@ -82,7 +83,7 @@ def essential_basis(
     else:
         g = gram_of(entry, delta.dtype)
         m = delta @ g @ delta.T
-        lam, vec = torch.linalg.eigh((m + m.T) / 2)  # symmetric to rounding, for eigh
+        lam, vec = eigh64((m + m.T) / 2)  # symmetric to rounding, for eigh
         lam, vec = lam.flip(0), vec.flip(1)
     top = float(lam[0]) if lam.numel() else 0.0
     lam = torch.where(lam > tol * top, lam, torch.zeros_like(lam)) if top > 0 else torch.zeros_like(lam)
