@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helper modules beside this file
 
 from _measure import GiB, exclusive, log, machine, measure_process
@@ -93,6 +95,16 @@ def step(name: str, cmd: list[str], work: Path, timeout: float | None) -> dict[s
     return {"step": name, **m}
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two statistics files hold the same names and tensors (read one at a time)."""
+    from safetensors import safe_open
+
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        if sorted(fa.keys()) != sorted(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny", choices=sorted(SIZES))
@@ -102,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=None, help="seconds per step")
     ap.add_argument("--json", type=Path, default=None)
+    loading = ("comma list of how calibration gets the weights: stream (read per module, the default) "
+               "and/or whole (the float32 model loaded); the first mode's statistics feed the merges, "
+               "and with both the files are checked to hold the same tensors")  # fmt: skip
+    ap.add_argument("--loading", default="stream", help=loading)
     args = ap.parse_args(argv)
+    modes = [m for m in args.loading.split(",") if m]
+    if not modes or set(modes) - {"stream", "whole"}:
+        ap.error(f"--loading {args.loading!r}: expected stream and/or whole")
 
     root = args.workdir / args.size
     work = root / "calibrated"
@@ -113,16 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         write_tokenizers([root / m for m in ("base", "ft1", "ft2")], vocab)
         rows = []
         stats = []
+        pairs = []  # (checked after every measured step: reading the files grows this process,
+        # and a child forked from it would count those pages in its ru_maxrss)
         for i, ft in enumerate(("ft1", "ft2")):
             data = work / f"{ft}.txt"
             write_data(data, args.samples, vocab, seed=i)
-            out = work / f"{ft}.stats.safetensors"
-            out.unlink(missing_ok=True)  # (measured, not reused)
-            cmd = alloykit_cli() + ["calibrate", str(root / ft), "--data", str(data), "-o", str(out),
-                                    "--samples", str(args.samples), "--max-length", str(args.max_length),
-                                    "--no-progress"]  # fmt: skip
-            rows.append(step(f"calibrate {ft}", cmd, work, args.timeout))
-            stats.append(out)
+            files = []
+            for mode in modes:
+                out = work / f"{ft}.{mode}.stats.safetensors"
+                out.unlink(missing_ok=True)  # (measured, not reused)
+                flag = "--stream-weights" if mode == "stream" else "--load-whole-model"
+                cmd = alloykit_cli() + ["calibrate", str(root / ft), "--data", str(data), "-o", str(out),
+                                        "--samples", str(args.samples), "--max-length", str(args.max_length),
+                                        "--no-progress", flag]  # fmt: skip
+                rows.append(step(f"calibrate {ft} ({mode})", cmd, work, args.timeout))
+                files.append(out)
+            if len(files) > 1:
+                pairs.append((ft, files))
+            stats.append(files[0])
         baseline = None
         for method in ["linear", *[m for m in args.methods.split(",") if m]]:
             path = work / f"{method}.yml"
@@ -134,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline = baseline or row["seconds"]
             row["vs_linear"] = row["seconds"] / baseline
             rows.append(row)
+        for ft, files in pairs:
+            log(f"{ft}: the {' and '.join(modes)} files hold the same tensors: {same_tensors(*files)}")
     info = machine()
     load = ", ".join(f"{x:.1f}" for x in info["load"])
     print(f"\n{args.size}: 2 fine-tunes, {args.samples} samples × {args.max_length} tokens; "

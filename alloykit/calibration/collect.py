@@ -175,6 +175,15 @@ def fold_partial(total: _Partial | None, part: _Partial, device: torch.device | 
     return total
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its first parameter's device, or (a model streamed from its
+    checkpoint, whose parameters wait on ``meta``) its first buffer's, else the CPU."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
 class _StopForward(Exception):
     """Raised by the last hook a pass needs: the rest of the forward is not computed."""
 
@@ -239,6 +248,7 @@ def collect_activation_statistics(
     workers: int | None = None,
     task_model: Any = None,
     sink: Callable[[str, dict[str, Any], str | None], None] | None = None,
+    weight_of: Callable[[str], torch.Tensor] | None = None,
 ) -> Statistics:
     """Input Gram matrices (or rows) of every selected linear layer of ``model`` over ``batches``.
 
@@ -266,6 +276,10 @@ def collect_activation_statistics(
     the parameter whose tensor a layer reading the same input shares, else None) and not kept,
     so that a file written as they come holds them instead of memory (the returned statistics
     then have no entries); without it they are returned.
+
+    ``weight_of(parameter name)``: a layer's weight where the model does not hold it (a model
+    streamed from its checkpoint, :mod:`alloykit.calibration.lazy`), for the signature stored
+    with each entry.
     """
     from alloykit.engine.ray_passes import check_executor, groups_of
 
@@ -279,7 +293,7 @@ def collect_activation_statistics(
     targets = linear_layers(model, include, exclude)
     if not targets:
         raise CheckpointError("no linear layer matched: check include/exclude (module names)")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     if executor == "ray" and device.type != "cpu":
         raise ParameterError(
             f"executor='ray' runs calibration on the nodes' CPUs; the model is on {device}: drop one of them"
@@ -319,7 +333,7 @@ def collect_activation_statistics(
         shared: dict[str, str] = {}
 
         def finish(pass_groups: list[list[Target]]) -> None:
-            for name, entry, source in _pass_entries(pass_groups, totals, dtype, rename):
+            for name, entry, source in _pass_entries(pass_groups, totals, dtype, rename, weight_of):
                 if sink is not None:
                     sink(name, entry, source)
                     continue
@@ -368,6 +382,7 @@ def _pass_entries(
     totals: dict[str, _Partial | None],
     dtype: torch.dtype,
     rename: Callable[[str], str] | None,
+    weight_of: Callable[[str], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], str | None]]:
     """(name, entry, shared source or None) of every layer of a finished pass; its sums are
     taken out of ``totals``."""
@@ -381,11 +396,13 @@ def _pass_entries(
         source = rename(leader.param) if rename else leader.param
         for t in g:
             name = rename(t.param) if rename else t.param
+            weight = weight_of(t.param) if weight_of is not None else t.layer.weight
             layer = {
                 "transposed": t.transposed,
-                "signature": weight_signature(t.layer.weight),
-                "signature_dtype": str(t.layer.weight.dtype).removeprefix("torch."),
+                "signature": weight_signature(weight),
+                "signature_dtype": str(weight.dtype).removeprefix("torch."),
             }
+            del weight
             yield name, {**entry, **layer}, (None if t is leader else source)
 
 

@@ -9,13 +9,16 @@ import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
 
 from alloykit.errors import CheckpointError, MissingDependencyError
 from alloykit.io.paths import describe_os_error
+
+if TYPE_CHECKING:
+    from alloykit.calibration.lazy import StreamedWeights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -146,10 +149,14 @@ def tokenizer_fingerprint(folder: str | os.PathLike | None) -> str | None:
     return h.hexdigest() if found else None
 
 
-def load_hf_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any, Callable[[str], str]]:
+def load_hf_model(
+    folder: str | os.PathLike, stream: bool = False
+) -> tuple[torch.nn.Module, Any, Callable[[str], str], StreamedWeights | None]:
     """The model class named in ``config.json`` (so parameter names match the checkpoint), in
-    float32 and eval mode, its tokenizer, and a map from module parameter names to checkpoint
-    tensor names (for the few that differ, e.g. a prefix). Never downloads."""
+    float32 and eval mode, its tokenizer, a map from module parameter names to checkpoint
+    tensor names (for the few that differ, e.g. a prefix), and with ``stream`` the
+    :class:`~alloykit.calibration.lazy.StreamedWeights` that give each module its weights from
+    the checkpoint only while it runs (the model then holds none; else None). Never downloads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -158,6 +165,7 @@ def load_hf_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any, Call
         raise MissingDependencyError(
             "calibrating a Hugging Face folder needs transformers: pip install 'alloykit[hf]'"
         ) from None
+    from alloykit.calibration.lazy import StreamedWeights, parameters_on_meta
     from alloykit.io import open_checkpoint
 
     folder = Path(folder)
@@ -169,13 +177,20 @@ def load_hf_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, Any, Call
     cls = getattr(transformers, arch, None) if arch else None
     cls = cls or AutoModel
     try:
-        model = cls.from_pretrained(folder, local_files_only=True).float()
+        if stream:
+            with parameters_on_meta():
+                model = cls.from_config(config) if cls is AutoModel else cls(config)
+            model.tie_weights()
+        else:
+            model = cls.from_pretrained(folder, local_files_only=True).float()
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: cannot load it with transformers ({e})") from None
     model.eval()
-    keys = set(open_checkpoint(folder).keys())
-    return model, tokenizer, name_map(list(model.state_dict()), keys)
+    reader = open_checkpoint(folder)
+    rename = name_map(list(model.state_dict()), set(reader.keys()))
+    weights = StreamedWeights(model, reader, rename) if stream else None
+    return model, tokenizer, rename, weights
 
 
 def name_map(module_names: Sequence[str], checkpoint_keys: set[str]) -> Callable[[str], str]:
@@ -206,7 +221,7 @@ class FolderModel:
 
     def module(self) -> torch.nn.Module:
         if self._module is None:
-            module, _, _ = load_hf_model(self.folder)
+            module, _, _, _ = load_hf_model(self.folder)
             if model_fingerprint(module.state_dict()) != self.fingerprint:
                 import socket
 

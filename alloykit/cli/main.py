@@ -420,6 +420,14 @@ def calibrate(
         int,
         typer.Option(min=1, metavar="N", help="batches per partial sum and Ray task (1: batch by batch)"),
     ] = 1,
+    stream_weights: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream-weights/--load-whole-model",
+            help="read each module's weights from MODEL only while it runs (default for activations on "
+            "the thread executor: one module in memory instead of the float32 model), or load it whole",
+        ),
+    ] = None,
 ) -> None:
     """Run calibration data through MODEL and write the statistics that data-aware methods read
     (input Grams of every linear layer, or the diagonal Fisher). An existing OUTPUT made from the
@@ -444,7 +452,8 @@ def calibrate(
         stats = run(model, data, kind=kind, samples=samples, batch_size=batch_size, max_length=max_length,
                     seed=seed, include=include, exclude=exclude, max_memory=parse_size(max_memory),
                     output=output, force=force, progress=report, log=_log, device=device, executor=executor,
-                    ray_address=ray_address, workers=workers, group_batches=group_batches)  # fmt: skip
+                    ray_address=ray_address, workers=workers, group_batches=group_batches,
+                    stream_weights=stream_weights)  # fmt: skip
     meta = stats.meta
     console.print(
         f"{output}: {len(stats.names())} tensors, {meta.get('samples')} samples"
