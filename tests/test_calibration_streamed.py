@@ -88,6 +88,11 @@ def test_streamed_statistics_are_the_bytes_of_the_loaded_model(berts, tmp_path):
             else:
                 assert ea[k] == eb[k], (name, k)
     assert a.meta == b.meta
+    # an explicit device: the buffers go there and each weight is read onto it as its module runs
+    c = calibrate(ft, berts["data"], samples=6, batch_size=2, stream_weights=True, device="cpu")
+    for name in a.names():
+        assert torch.equal(a.get(name)["gram" if "gram" in a.get(name) else "inputs"],
+                           c.get(name)["gram" if "gram" in c.get(name) else "inputs"])  # fmt: skip
     # the default streams a folder's activations; its file is the one just written
     again = calibrate(ft, berts["data"], samples=6, batch_size=2, output=tmp_path / "a.safetensors")
     assert isinstance(again, StatisticsFile) and again.meta == a.meta
@@ -140,3 +145,28 @@ def test_stored_buffers_are_read_once_and_computed_ones_kept():
     x = torch.randn(4, 3)
     assert torch.equal(model(x), real(x))
     assert torch.equal(model.scale, torch.full((2,), 3.0)) and torch.equal(model.shift, torch.full((2,), 0.5))
+
+
+def test_a_checkpoint_missing_a_parameter_is_loaded_whole_by_default(berts, tmp_path):  # noqa: F811
+    """A head the checkpoint lacks (from_pretrained initialises it): the default falls back to
+    the whole model, with the statistics it gives; asking for streaming names the parameter."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "headless"
+    shutil.copytree(berts["fts"][0], folder)
+    state = load_file(folder / "model.safetensors")
+    del state["classifier.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    said: list[str] = []
+    got = calibrate(folder, berts["data"], samples=6, batch_size=2, log=said.append)
+    assert any("classifier.weight" in line and "not in the checkpoint" in line for line in said)
+    whole = calibrate(folder, berts["data"], samples=6, batch_size=2, stream_weights=False)
+    assert got.names() == whole.names()
+    for name in got.names():
+        for key in ("gram", "inputs"):
+            if key in got.get(name):
+                assert torch.equal(got.get(name)[key], whole.get(name)[key])
+    with pytest.raises(CheckpointError, match=r"e.g. \['classifier.weight'\]"):
+        calibrate(folder, berts["data"], samples=6, batch_size=2, stream_weights=True)

@@ -101,8 +101,10 @@ def calibrate(
       them (widened to float32) only for its forward (:mod:`alloykit.calibration.lazy`): the
       host holds one module's weights instead of the float32 model (4.4 GB at 1.1 B, 28 GB at
       7 B), and the statistics are the same bytes. The default (None) streams activation
-      statistics of a folder on the ``thread`` executor; ``False`` loads the whole model
-      (faster for small models: each forward reads the checkpoint again). Fisher statistics
+      statistics of a folder on the ``thread`` executor, and loads the whole model where the
+      checkpoint lacks a parameter the model has (a head that loading would initialise);
+      ``False`` loads the whole model (faster for small models: each forward reads the
+      checkpoint again). Fisher statistics
       need gradients of every weight and Ray tasks load the folder themselves: ``True`` is
       refused with them.
     """
@@ -125,7 +127,7 @@ def calibrate(
         tokenize,
         tokenizer_fingerprint,
     )
-    from alloykit.calibration.lazy import LazyState
+    from alloykit.calibration.lazy import LazyState, NotStreamable
     from alloykit.dtypes import parse_dtype
 
     store_dtype = parse_dtype(dtype, "dtype") or torch.float64
@@ -147,7 +149,14 @@ def calibrate(
             items = pick(read_samples(data), samples, seed)
         else:
             raise ParameterError("with a model folder, give data as a text or JSON Lines file path")
-        module, tokenizer, rename, streamed = load_hf_model(folder, stream=stream)
+        try:
+            module, tokenizer, rename, streamed = load_hf_model(folder, stream=stream)
+        except NotStreamable as e:
+            if stream_weights:  # (asked for: say why not; by default, load it whole instead)
+                raise
+            if log:
+                log(f"{folder}: {e}")
+            module, tokenizer, rename, streamed = load_hf_model(folder, stream=False)
         batches = tokenize(tokenizer, items, batch_size, max_length)
         tokenizer_hash = tokenizer_fingerprint(folder)
         data_id = data_hash([items, max_length])

@@ -43,6 +43,11 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+class NotStreamable(CheckpointError):
+    """The checkpoint lacks parameters the model has (e.g. a head that loading would initialise,
+    or names a loader converts): the model cannot run from the checkpoint alone."""
+
+
 class StreamedWeights:
     """Hooks that give each module of ``model`` its parameters from ``reader`` for the length of
     its forward (as ``dtype``, on ``device``).
@@ -77,9 +82,10 @@ class StreamedWeights:
             for n in group:
                 self.source[n] = stored or n
         if missing:
-            raise CheckpointError(
+            raise NotStreamable(
                 f"{len(missing)} parameters of the model are not in the checkpoint, e.g. {missing[:3]}: "
-                "streaming the weights needs every one stored (load the whole model instead)"
+                "streaming the weights needs every one stored (the whole model is loaded instead unless "
+                "streaming was asked for)"
             )
         for name, buffer in model.named_buffers():
             if rename(name) in keys:

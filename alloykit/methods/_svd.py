@@ -260,12 +260,17 @@ def _gram64(a: torch.Tensor) -> torch.Tensor:
     product is numpy's (OpenBLAS ``syrk``: one triangle computed, about 2× faster than torch's
     ``addmm`` here, and exactly symmetric)."""
     if a.device.type == "cpu":
-        g = np.zeros((a.shape[1], a.shape[1]))
+        g = None
         for i in range(0, a.shape[0], _ROWS):
             block = a[i : i + _ROWS].double().numpy()
-            g += block.T @ block  # (numpy releases the GIL: the engine's workers run side by side)
+            term = block.T @ block  # (numpy releases the GIL: the engine's workers run side by side)
             del block
-        return torch.from_numpy(g)
+            if g is None:  # (the first block's product is the sum so far: no zeros, no copy)
+                g = term
+            else:
+                g += term
+            del term
+        return torch.from_numpy(g if g is not None else np.zeros((a.shape[1], a.shape[1])))
     g = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
     for i in range(0, a.shape[0], _ROWS):
         block = a[i : i + _ROWS].double()
